@@ -1,0 +1,6 @@
+"""`python -m core ...` from the repo root is the same CLI as the `lora-resize` console script."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""Command line: `lora-resize inspect|convert|resize ...`.
+
+A first argument that is not a subcommand means `resize`, so the seed tool's call shape
+`lora-resize CHECKPOINT LORA... -o DIR -r RECIPES` works unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from .errors import LoraError
+
+log = logging.getLogger("lora_resize")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .formats import read_lora
+    from .inspect import format_summary, summarize
+
+    infos = [summarize(read_lora(path, arch=args.arch)) for path in args.files]
+    if args.json:
+        json.dump(infos if len(infos) > 1 else infos[0], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print("\n\n".join(format_summary(info) for info in infos))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .formats import parse_dtype, read_lora, write_lora
+    from .metadata import file_sha256
+
+    lora = read_lora(args.input, arch=args.arch)
+    size = write_lora(lora, args.output, convention=args.format, dtype=parse_dtype(args.dtype),
+                      operation="convert", sources=[{"file": os.path.basename(args.input),
+                                                     "sha256": file_sha256(args.input)}],
+                      overwrite=args.overwrite)
+    print(f"{args.output}: {len(lora)} layers, {size} bytes, {args.format} format")
+    return 0
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=("sd15", "sdxl", "flux"), default=None,
+                        help="architecture, when detection from key names is not enough")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v summary, -vv one line per layer")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    parser = argparse.ArgumentParser(prog="lora-resize", description="Resize, merge and convert LoRA files.")
+    sub = parser.add_subparsers(dest="command")
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    p = sub.add_parser("inspect", help="what a LoRA file holds")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_common(p)
+    handlers["inspect"] = cmd_inspect
+
+    p = sub.add_parser("convert", help="rewrite a LoRA in another naming convention or dtype (exact)")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-f", "--format", default="kohya", choices=("kohya", "peft", "comfy"))
+    p.add_argument("-t", "--dtype", default=None, help="16, bf16 or 32 (default: as stored)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    handlers["convert"] = cmd_convert
+
+    try:
+        from .resize_cli import add_resize_parser
+    except ImportError:  # the resize engine is optional for inspect/convert
+        pass
+    else:
+        add_resize_parser(sub, handlers, _add_common)
+    return parser, handlers
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, handlers = build_parser()
+    if argv and argv[0] not in handlers and not argv[0].startswith("-") and "resize" in handlers:
+        argv = ["resize", *argv]
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup_logging(getattr(args, "verbose", 0))
+    try:
+        return handlers[args.command](args)
+    except LoraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Read any common LoRA safetensors file into a :class:`LoraFile`.
+
+One pass, driven by tables: split each key into prefix + role (``conventions.READ_SUFFIXES``),
+group by prefix, name each group canonically (``core.naming``), then check shapes and values.
+Keys that fit nowhere are listed in a warning and kept in ``LoraFile.unknown_keys``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from typing import Mapping, Optional
+
+import torch
+
+from .. import naming
+from ..errors import LoraError, UnsupportedFormat
+from ..model import Layer, LoraFile
+from ..safetensors_io import load_tensors, read_header
+from .conventions import split_key, unsupported_family
+from .shapes import layer_shape
+
+log = logging.getLogger("lora_resize")
+
+_CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.",
+                       "double_blocks.0.img_attn.qkv.weight", "input_blocks.0.0.weight", "text_model.embeddings.")
+
+
+def read_lora(path: str | os.PathLike, arch: Optional[str] = None) -> LoraFile:
+    """Read a LoRA file; ``arch`` overrides architecture detection ("sd15", "sdxl", "flux")."""
+    path = str(path)
+    header, metadata = read_header(path)
+    tensors = load_tensors(path)
+    try:
+        return lora_from_state_dict(tensors, metadata, arch=arch, path=path)
+    except LoraError as exc:
+        raise exc.with_file(path) from None
+
+
+def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
+                         arch: Optional[str] = None, path: Optional[str] = None) -> LoraFile:
+    """Build the model from tensors already in memory (ComfyUI's LoraLoader gives us these)."""
+    label = path or "<state dict>"
+    if not tensors:
+        raise LoraError("the file holds no tensors", file=label, fix="this is not a LoRA; pick another file")
+    groups: dict[str, dict[str, tuple[Optional[str], torch.Tensor]]] = {}
+    unknown: list[str] = []
+    for key, tensor in tensors.items():
+        family = unsupported_family(key)
+        if family:
+            raise UnsupportedFormat(f"{family} adapters are not supported (only LoRA/LoCon, LoHa, LoKr, DoRA "
+                                    "and full diffs are)", file=label, layer=key,
+                                    fix=f"convert the {family} file to a LoRA with its training tool first")
+        parts = split_key(key)
+        if parts is None:
+            unknown.append(key)
+            continue
+        prefix, kind, role = parts
+        groups.setdefault(prefix, {})[role] = (kind, tensor)
+    if not groups:
+        if any(marker in key for key in tensors for marker in _CHECKPOINT_MARKERS):
+            raise LoraError("this looks like a model checkpoint, not a LoRA (it has full model weights and no "
+                            "LoRA factors)", file=label, fix="pass the checkpoint as the base model, and a LoRA file "
+                            "as the LoRA")
+        raise LoraError(f"no LoRA layers found among {len(tensors)} tensors (e.g. {next(iter(tensors))})",
+                        file=label, fix="this is not a LoRA file in a format this tool reads")
+
+    architecture = arch or naming.detect_architecture(groups.keys(), metadata)
+    peft_alphas = _PeftAlphas(metadata)
+    layers: dict[str, Layer] = {}
+    for prefix, roles in groups.items():
+        layer = _build_layer(prefix, roles, architecture, peft_alphas, label)
+        if layer is None:
+            unknown.extend(f"{prefix}{'.' if not prefix.endswith('.') else ''}{role}" for role in roles)
+            continue
+        key = layer_key(layer)
+        if key in layers:
+            raise LoraError(f"two entries change the same weight ({layers[key].source_key} and {prefix})",
+                            file=label, layer=layer.name, fix="the file mixes two naming styles; keep one of them")
+        layers[key] = layer
+    if unknown:
+        log.warning("%s: %d keys not understood and left out: %s", label, len(unknown), ", ".join(sorted(unknown)))
+    return LoraFile(layers=layers, architecture=architecture, family=_family(groups, metadata),
+                    metadata=dict(metadata), path=path, unknown_keys=sorted(unknown))
+
+
+def layer_key(layer: Layer) -> str:
+    """Unique key of a layer inside a LoraFile: its name, plus the row slice when it has one."""
+    if layer.offset is None:
+        return layer.name
+    return f"{layer.name}[{layer.offset[1]}:{layer.offset[1] + layer.offset[2]}]"
+
+
+def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor]], arch: str,
+                 peft_alphas: "_PeftAlphas", label: str) -> Optional[Layer]:
+    kinds = {kind for kind, _ in roles.values() if kind is not None}
+    factors = {role: t for role, (kind, t) in roles.items() if kind is not None}
+    if not kinds:
+        return None  # an alpha or magnitude with no factors
+    if len(kinds) > 1:
+        raise LoraError(f"mixes factors of several kinds ({', '.join(sorted(kinds))})", file=label, layer=prefix,
+                        fix="the file is corrupt or merged badly; re-export it")
+    kind = kinds.pop()
+    target = naming.to_canonical(prefix, arch)
+    if target is None:
+        return None
+    for role, tensor in factors.items():
+        if not tensor.is_floating_point():
+            raise LoraError(f"factor {role} has dtype {tensor.dtype}, not a float", file=label, layer=prefix,
+                            fix="the file is corrupt; re-export it")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoraError(f"factor {role} holds NaN or Inf values", file=label, layer=prefix,
+                            fix="the training diverged; use an earlier checkpoint of this LoRA")
+    shape = layer_shape(kind, factors, target.name, arch, prefix=prefix, label=label)
+    alpha = _alpha(prefix, roles, kind, factors, peft_alphas, label)
+    offset = None
+    if target.part is not None:
+        start_units, length_units = target.part
+        if shape[0] % length_units:
+            raise LoraError(f"{shape[0]} output rows cannot be a {length_units}-part slice", file=label,
+                            layer=prefix, fix="the layer does not match its name; check the architecture")
+        unit = shape[0] // length_units
+        offset = (0, start_units * unit, shape[0])
+    dora = _dora(roles, shape, label, prefix)
+    bias = roles.get("diff_b", (None, None))[1]
+    return Layer(name=target.name, kind=kind, factors=factors, shape=shape, alpha=alpha, offset=offset,
+                 dora_scale=dora, bias_diff=bias, source_key=prefix)
+
+
+def _alpha(prefix: str, roles, kind: str, factors, peft_alphas: "_PeftAlphas", label: str) -> Optional[float]:
+    if "alpha" in roles:
+        value = roles["alpha"][1]
+        if value.numel() != 1:
+            raise LoraError(f"alpha has {value.numel()} values, expected 1", file=label, layer=prefix,
+                            fix="the file is corrupt; re-export it")
+        alpha = float(value.float().item())
+        if not math.isfinite(alpha):
+            raise LoraError("alpha is NaN or Inf", file=label, layer=prefix, fix="re-export the LoRA")
+        return alpha
+    if kind == "lora":
+        return peft_alphas.alpha_for(prefix, int(factors["down"].shape[0]))
+    return None
+
+
+def _dora(roles, shape: tuple[int, ...], label: str, prefix: str) -> Optional[torch.Tensor]:
+    if "dora_scale" in roles:
+        return roles["dora_scale"][1]
+    if "magnitude" in roles:
+        magnitude = roles["magnitude"][1]
+        if magnitude.numel() != shape[0]:
+            raise LoraError(f"DoRA magnitude has {magnitude.numel()} values for {shape[0]} output rows",
+                            file=label, layer=prefix, fix="the file is corrupt; re-export it")
+        # PEFT's magnitude is per output row: the same thing as LyCORIS' dora_scale [out, 1, ...]
+        return magnitude.reshape(shape[0], *[1] * (len(shape) - 1))
+    return None
+
+
+def _family(groups: Mapping[str, dict], metadata: Mapping[str, str]) -> str:
+    """Which producer family wrote the file, for reports and the default output convention."""
+    prefixes = list(groups)
+    roles = {role for r in groups.values() for role in r}
+    if any(p.startswith(("diffusion_model.", "text_encoders.")) for p in prefixes):
+        return "comfy"
+    if roles & {"w1a", "w2a", "w1", "w2", "diff"} or "lycoris" in metadata.get("ss_network_module", ""):
+        return "lycoris"
+    if any(p.startswith(("lora_unet_", "lora_te", "lycoris_", "lora_transformer_")) for p in prefixes):
+        return "kohya"
+    return "peft"
+
+
+class _PeftAlphas:
+    """PEFT's alpha rules from ``lora_adapter_metadata``: lora_alpha, alpha_pattern, use_rslora.
+
+    Returns the alpha in ComfyUI's convention (scale = alpha / rank), so rsLoRA's
+    scale = lora_alpha / √r becomes alpha = lora_alpha · √r.
+    """
+
+    def __init__(self, metadata: Mapping[str, str]):
+        self.configs: dict[str, dict] = {}
+        raw = metadata.get("lora_adapter_metadata")
+        if not raw:
+            return
+        try:
+            flat = json.loads(raw)
+        except ValueError:
+            log.warning("lora_adapter_metadata is not JSON; PEFT alphas ignored (scale 1)")
+            return
+        for key, value in flat.items():
+            component, _, field_name = key.rpartition(".")
+            if "." in field_name or not component:
+                component, field_name = "", key
+            self.configs.setdefault(component, {})[field_name] = value
+
+    def alpha_for(self, prefix: str, rank: int) -> Optional[float]:
+        component = next((c for c in sorted(self.configs, key=len, reverse=True)
+                          if c and prefix.startswith(c + ".")), "" if "" in self.configs else None)
+        if component is None:
+            return None
+        config = self.configs[component]
+        module = prefix[len(component) + 1:] if component else prefix
+        alpha = config.get("lora_alpha")
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?{pattern}$", module):
+                alpha = value
+                break
+        if alpha is None:
+            return None
+        alpha = float(alpha)
+        if config.get("use_rslora"):
+            return alpha * math.sqrt(rank)
+        return alpha

@@ -1,0 +1,248 @@
+"""Write a :class:`LoraFile` in kohya (default), PEFT/diffusers or ComfyUI naming.
+
+Every written file reads back to the same ΔW: a convention that cannot name a row slice (kohya,
+ComfyUI) gets slice layers fused into one block layer of the fused weight; a convention that cannot
+name the fused weight (PEFT for Flux) gets it split by rows. Both are exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Iterable, Mapping, Optional
+
+import torch
+
+from .. import naming
+from ..delta import delta_weight
+from ..errors import LoraError
+from ..metadata import output_metadata, sd_scripts_hashes
+from ..model import Layer, LoraFile
+from ..safetensors_io import atomic_write_bytes, safetensors_size, serialize
+from .conventions import CONVENTIONS, Convention
+
+OUTPUT_DTYPES = {"fp16": torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                 "32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float32": torch.float32}
+
+
+def parse_dtype(text: Optional[str]) -> Optional[torch.dtype]:
+    if text is None or text in ("", "keep", "same"):
+        return None
+    try:
+        return OUTPUT_DTYPES[str(text).lower()]
+    except KeyError:
+        raise LoraError(f"unknown output dtype {text!r}", fix="use 16, bf16 or 32") from None
+
+
+def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: Optional[torch.dtype] = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (and convention-specific metadata) for ``lora`` in ``convention``."""
+    conv = _convention(convention)
+    layers = _fit_slices(list(lora.layers.values()), lora.architecture, conv)
+    tensors: dict[str, torch.Tensor] = {}
+    peft_ranks: dict[str, dict[str, int]] = defaultdict(dict)
+    for layer, prefix in layers:
+        factors = dict(layer.factors)
+        if not conv.alpha_in_tensor and layer.kind == "lora" and layer.scale != 1.0:
+            factors["up"] = factors["up"].to(torch.float32) * layer.scale  # PEFT: bake the scale in
+        for role, tensor in factors.items():
+            tensors[prefix + conv.write[(layer.kind, role)]] = _cast(tensor, dtype)
+        if layer.alpha is not None and conv.alpha_in_tensor and layer.kind != "full":
+            tensors[prefix + conv.write[(None, "alpha")]] = _alpha_tensor(layer.alpha, dtype or _dtype_of(layer))
+        if not conv.alpha_in_tensor and layer.kind == "lora":
+            component, _, module = prefix.partition(".")
+            peft_ranks[component][module] = layer.rank
+        if layer.dora_scale is not None:
+            tensors.update(_dora_tensors(layer, prefix, conv, dtype))
+        if layer.bias_diff is not None:
+            tensors[prefix + conv.write[(None, "diff_b")]] = _cast(layer.bias_diff, dtype)
+    extra_meta = _peft_metadata(peft_ranks, lora) if peft_ranks else {}
+    return tensors, extra_meta
+
+
+def _tensors_and_metadata(lora: LoraFile, convention: str, dtype: Optional[torch.dtype], operation: str,
+                          recipe: Optional[str], sources: Iterable[Mapping[str, str]],
+                          extra_provenance: Optional[Mapping], label: str):
+    tensors, convention_meta = to_state_dict(lora, convention, dtype)
+    if not tensors:
+        raise LoraError("nothing to write: every layer was dropped", file=label,
+                        fix="loosen the threshold or raise the size/rank target")
+    meta = output_metadata(lora, operation=operation, recipe=recipe, sources=sources, extra=extra_provenance)
+    meta.update(convention_meta)
+    return tensors, meta
+
+
+def encode_lora(lora: LoraFile, *, convention: str = "kohya", dtype: Optional[torch.dtype] = None,
+                operation: str = "convert", recipe: Optional[str] = None, sources: Iterable[Mapping[str, str]] = (),
+                extra_provenance: Optional[Mapping] = None, label: str = "<output>") -> bytes:
+    """The exact bytes of the file ``write_lora`` would write, with sd-scripts' hashes."""
+    tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
+                                          extra_provenance, label)
+    ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sd_scripts_hashes(serialize(tensors, ss_only))
+    return serialize(tensors, meta)
+
+
+def encoded_size(lora: LoraFile, *, convention: str = "kohya", dtype: Optional[torch.dtype] = None,
+                 operation: str = "convert", recipe: Optional[str] = None, sources: Iterable[Mapping[str, str]] = (),
+                 extra_provenance: Optional[Mapping] = None) -> int:
+    """Byte size of ``encode_lora``'s result without serializing any data: factors may live on the
+    ``meta`` device. Used to fit ``size=`` targets exactly."""
+    tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
+                                          extra_provenance, "<output>")
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = "0" * 64, "0" * 8
+    return safetensors_size({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, meta)
+
+
+def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "kohya",
+               dtype: Optional[torch.dtype] = None, operation: str = "convert", recipe: Optional[str] = None,
+               sources: Iterable[Mapping[str, str]] = (), extra_provenance: Optional[Mapping] = None,
+               overwrite: bool = False) -> int:
+    """Write atomically; returns the number of bytes written. Never replaces a file unless ``overwrite``."""
+    data = encode_lora(lora, convention=convention, dtype=dtype, operation=operation, recipe=recipe,
+                       sources=sources, extra_provenance=extra_provenance, label=str(path))
+    atomic_write_bytes(data, path, overwrite=overwrite)
+    return len(data)
+
+
+def _convention(name: str) -> Convention:
+    try:
+        return CONVENTIONS[name]
+    except KeyError:
+        raise LoraError(f"unknown output format {name!r}", fix=f"use one of {', '.join(CONVENTIONS)}") from None
+
+
+def _dtype_of(layer: Layer) -> torch.dtype:
+    return next(iter(layer.factors.values())).dtype
+
+
+def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return (tensor if dtype is None else tensor.to(dtype)).contiguous()
+
+
+def _alpha_tensor(alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """alpha in the file's dtype when that is exact (as sd-scripts writes it), else fp32."""
+    stored = torch.tensor(alpha, dtype=dtype)
+    return stored if float(stored.float()) == float(alpha) else torch.tensor(alpha, dtype=torch.float32)
+
+
+def _dora_tensors(layer: Layer, prefix: str, conv: Convention, dtype) -> dict[str, torch.Tensor]:
+    magnitude = layer.dora_scale
+    if conv.magnitude_role == "magnitude":
+        if magnitude.shape[0] != layer.shape[0] or magnitude.numel() != layer.shape[0]:
+            raise LoraError("DoRA magnitude on the input axis cannot be written in PEFT format", layer=layer.name,
+                            fix="write this LoRA in kohya format")
+        magnitude = magnitude.reshape(-1)
+    return {prefix + conv.write[(None, conv.magnitude_role)]: _cast(magnitude, dtype)}
+
+
+def _peft_metadata(ranks: Mapping[str, Mapping[str, int]], lora: LoraFile) -> dict[str, str]:
+    """diffusers' ``lora_adapter_metadata``: alpha = rank everywhere (scales are baked into B)."""
+    flat: dict[str, object] = {}
+    for component, modules in ranks.items():
+        common = max(set(modules.values()), key=list(modules.values()).count)
+        pattern = {m: r for m, r in modules.items() if r != common}
+        flat.update({f"{component}.r": common, f"{component}.lora_alpha": common,
+                     f"{component}.rank_pattern": pattern, f"{component}.alpha_pattern": dict(pattern),
+                     f"{component}.peft_type": "LORA", f"{component}.use_rslora": False,
+                     f"{component}.use_dora": any(l.dora_scale is not None for l in lora.layers.values()),
+                     f"{component}.target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules})})
+    return {"lora_adapter_metadata": json.dumps(flat, sort_keys=True), "format": "pt"}
+
+
+# --- slices: fuse for conventions that cannot name them, split where the fused name does not exist ---
+
+def _fit_slices(layers: list[Layer], arch: str, conv: Convention) -> list[tuple[Layer, str]]:
+    out: list[tuple[Layer, str]] = []
+    sliced: dict[str, list[Layer]] = defaultdict(list)
+    for layer in layers:
+        if layer.offset is not None and not conv.slices:
+            sliced[layer.name].append(layer)
+            continue
+        parts = naming.split_parts(layer.name, arch, conv.name)
+        if parts is None:
+            out.append((layer, naming.from_canonical(layer.name, arch, conv.name)))
+        elif layer.offset is not None:
+            out.append((layer, _named_part(layer, parts)[0]))
+        else:
+            out.extend(_split(layer, parts))
+    for name, group in sliced.items():
+        fused = fuse_slices(name, group, arch)
+        out.append((fused, naming.from_canonical(name, arch, conv.name)))
+    return out
+
+
+def _units(parts: list[tuple[str, tuple[int, int]]]) -> int:
+    return max(start + length for _, (start, length) in parts)
+
+
+def _named_part(layer: Layer, parts: list[tuple[str, tuple[int, int]]]) -> tuple[str, int]:
+    """(prefix, rows per unit) of the named part a row-slice layer is."""
+    _, start_row, rows = layer.offset
+    for prefix, (start, length) in parts:
+        unit = rows // length
+        if unit * length == rows and start * unit == start_row:
+            return prefix, unit
+    raise LoraError(f"row slice {layer.offset} has no name in this format", layer=layer.name,
+                    fix="write in kohya or ComfyUI format")
+
+
+def _split(layer: Layer, parts: list[tuple[str, tuple[int, int]]]) -> list[tuple[Layer, str]]:
+    """One fused layer -> one layer per named row slice (LoRA: shared down, up split by rows)."""
+    unit = layer.shape[0] // _units(parts)
+    out = []
+    for prefix, (start, length) in parts:
+        rows = slice(start * unit, (start + length) * unit)
+        shape = (length * unit, *layer.shape[1:])
+        offset = (0, start * unit, length * unit)
+        if layer.kind == "lora" and "mid" not in layer.factors:
+            factors = {"up": layer.factors["up"][rows].clone(), "down": layer.factors["down"].clone()}
+            part = layer.with_factors(factors, shape=shape, offset=offset)
+        else:
+            diff = delta_weight(layer)[rows].clone()
+            part = layer.with_factors({"diff": diff}, kind="full", alpha=None, shape=shape, offset=offset)
+        if layer.dora_scale is not None:
+            part = part.with_factors(part.factors, dora_scale=layer.dora_scale[rows].clone())
+        if layer.bias_diff is not None:
+            part = part.with_factors(part.factors, bias_diff=layer.bias_diff[rows].clone())
+        out.append((part, prefix))
+    return out
+
+
+def fuse_slices(name: str, group: list[Layer], arch: str) -> Layer:
+    """Row-slice layers of one weight -> one layer of the whole weight, exactly (block-diagonal up)."""
+    parts = naming.split_parts(name, arch, "peft")
+    first = group[0]
+    if parts is None:
+        raise LoraError("row slices of a weight that has no known parts", layer=name,
+                        fix="write this LoRA in PEFT format")
+    unit = _named_part(first, parts)[1]
+    height = _units(parts) * unit
+    shape = (height, *first.shape[1:])
+    if any(layer.dora_scale is not None for layer in group):
+        raise LoraError("DoRA on split q/k/v layers cannot be fused into one layer", layer=name,
+                        fix="write this LoRA in PEFT format")
+    bias = None
+    if any(layer.bias_diff is not None for layer in group):
+        bias = torch.zeros(height, dtype=torch.float32)
+        for layer in group:
+            if layer.bias_diff is not None:
+                bias[layer.offset[1]:layer.offset[1] + layer.offset[2]] = layer.bias_diff.float()
+    if all(layer.kind == "lora" and "mid" not in layer.factors for layer in group):
+        rank = sum(layer.rank for layer in group)
+        up = torch.zeros(height, rank, *first.factors["up"].shape[2:], dtype=torch.float32)
+        downs, col = [], 0
+        for layer in group:
+            start, length = layer.offset[1], layer.offset[2]
+            up[start:start + length, col:col + layer.rank] = layer.factors["up"].float() * layer.scale
+            downs.append(layer.factors["down"].float())
+            col += layer.rank
+        dtype = _dtype_of(first)
+        return Layer(name=name, kind="lora", factors={"up": up.to(dtype), "down": torch.cat(downs).to(dtype)},
+                     shape=shape, alpha=float(rank), bias_diff=bias, source_key=first.source_key)
+    diff = torch.zeros(shape, dtype=torch.float32)
+    for layer in group:
+        diff[layer.offset[1]:layer.offset[1] + layer.offset[2]] = delta_weight(layer)
+    return Layer(name=name, kind="full", factors={"diff": diff.to(_dtype_of(first))}, shape=shape,
+                 bias_diff=bias, source_key=first.source_key)

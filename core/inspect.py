@@ -1,0 +1,67 @@
+"""What is in a LoRA file, as a dict (for --json and the node's summary) and as text."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from .metadata import read_provenance
+from .model import LoraFile
+
+
+def summarize(lora: LoraFile) -> dict[str, Any]:
+    """Family, architecture, per-layer rank/alpha/scale/shape, histograms, dtypes, bytes, metadata."""
+    layers = [
+        {"name": name, "kind": layer.kind_label, "rank": layer.rank, "alpha": layer.alpha,
+         "scale": layer.scale, "shape": list(layer.shape), "source_key": layer.source_key,
+         "offset": list(layer.offset) if layer.offset else None}
+        for name, layer in lora.layers.items()
+    ]
+    meta = lora.metadata
+    return {
+        "file": lora.path,
+        "family": lora.family,
+        "architecture": lora.architecture,
+        "bytes": os.path.getsize(lora.path) if lora.path and os.path.exists(lora.path) else lora.nbytes(),
+        "tensor_bytes": lora.nbytes(),
+        "layer_count": len(layers),
+        "kinds": dict(Counter(layer["kind"] for layer in layers)),
+        "rank_histogram": {str(k): v for k, v in sorted(Counter(layer["rank"] for layer in layers).items())},
+        "alphas": sorted({layer["alpha"] for layer in layers if layer["alpha"] is not None}),
+        "dtypes": sorted({str(dtype).replace("torch.", "") for layer in lora for dtype in layer.dtypes()}),
+        "unknown_keys": lora.unknown_keys,
+        "metadata": {
+            "keys": len(meta),
+            "network_module": meta.get("ss_network_module"),
+            "network_dim": meta.get("ss_network_dim"),
+            "network_alpha": meta.get("ss_network_alpha"),
+            "base_model": meta.get("ss_base_model_version") or meta.get("modelspec.architecture"),
+            "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
+            "provenance": read_provenance(meta),
+        },
+        "layers": layers,
+    }
+
+
+def format_summary(info: dict[str, Any]) -> str:
+    mib = info["bytes"] / 2**20
+    lines = [
+        f"{info['file']}",
+        f"  family {info['family']}, architecture {info['architecture']}, {info['layer_count']} layers, "
+        f"{mib:.2f} MiB, dtypes {', '.join(info['dtypes'])}",
+        "  kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(info["kinds"].items())),
+        "  ranks: " + ", ".join(f"{k}×{v}" for k, v in info["rank_histogram"].items()),
+        "  alphas: " + (", ".join(f"{a:g}" for a in info["alphas"][:8]) or "none (scale 1)")
+        + (" ..." if len(info["alphas"]) > 8 else ""),
+    ]
+    meta = info["metadata"]
+    described = {k: v for k, v in meta.items() if v and k not in ("keys", "provenance")}
+    lines.append(f"  metadata: {meta['keys']} keys" + "".join(f", {k} {v}" for k, v in described.items()))
+    if meta["provenance"]:
+        prov = meta["provenance"]
+        lines.append(f"  made by {prov.get('tool')} {prov.get('version')}: {prov.get('operation')} "
+                     f"{prov.get('recipe') or ''}".rstrip())
+    if info["unknown_keys"]:
+        lines.append(f"  {len(info['unknown_keys'])} keys not understood: {', '.join(info['unknown_keys'][:5])}"
+                     + (" ..." if len(info["unknown_keys"]) > 5 else ""))
+    return "\n".join(lines)

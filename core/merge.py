@@ -1,0 +1,146 @@
+"""Weighted merges that are exact: concatenation of factors gives the sum of the ΔW's.
+
+Σ wᵢ sᵢ Bᵢ Aᵢ = [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …], so a merge of LoRAs of any ranks, alphas and
+signs is one LoRA of the summed rank with scale 1. "join" is the same concatenation with each
+source's rank segment recorded, so its contribution can be scaled or switched off later
+(``set_join_toggles``, after cloneofsimo/lora's ``set_lora_diag``).
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import torch
+
+from .decompose import effective_down
+from .delta import delta_weight
+from .errors import LoraError
+from .formats.reader import layer_key
+from .formats.writer import fuse_slices
+from .model import Layer, LoraFile
+
+JOIN_KEY = "lora_resize_join"
+
+
+def _as_plain_lora(layer: Layer) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(s·B [out, r], A [r, in_features]) in fp32, or None for dense kinds."""
+    if layer.kind != "lora":
+        return None
+    up = layer.factors["up"].to(torch.float32).flatten(1) * layer.scale
+    return up, effective_down(layer)
+
+
+def _normalise_slices(loras: Sequence[LoraFile]) -> list[LoraFile]:
+    """If one source changes a whole fused weight and another only row slices of it, fuse the slices."""
+    whole = {layer.name for lora in loras for layer in lora if layer.offset is None}
+    out = []
+    for lora in loras:
+        sliced = defaultdict(list)
+        layers = {}
+        for key, layer in lora.layers.items():
+            if layer.offset is not None and layer.name in whole:
+                sliced[layer.name].append(layer)
+            else:
+                layers[key] = layer
+        for name, group in sliced.items():
+            layers[name] = fuse_slices(name, group, lora.architecture)
+        out.append(LoraFile(layers, lora.architecture, lora.family, lora.metadata, lora.path, lora.unknown_keys))
+    return out
+
+
+def merge(sources: Sequence[tuple[LoraFile, float]], *, join: bool = False) -> LoraFile:
+    """Exact weighted sum of LoRAs (negative weights allowed). Layers that only some sources have
+    are kept; dense kinds (LoHa/LoKr/full) in a merged layer make that layer a full diff."""
+    if not sources:
+        raise LoraError("nothing to merge", fix="give at least one LoRA")
+    archs = {lora.architecture for lora, _ in sources} - {"unknown"}
+    if len(archs) > 1:
+        names = ", ".join(f"{lora.label} ({lora.architecture})" for lora, _ in sources)
+        raise LoraError(f"cannot merge LoRAs of different architectures: {names}",
+                        fix="merge only LoRAs made for the same base model")
+    loras = _normalise_slices([lora for lora, _ in sources])
+    weights = [float(w) for _, w in sources]
+    keys: dict[str, None] = {}
+    for lora in loras:
+        keys.update(dict.fromkeys(lora.layers))
+    layers: dict[str, Layer] = {}
+    segments: list[dict[str, list[int]]] = [dict() for _ in loras]
+    for key in keys:
+        present = [(i, lora.layers[key]) for i, lora in enumerate(loras) if key in lora.layers]
+        layer = _merge_layer(key, present, weights, segments)
+        if layer is not None:
+            layers[key] = layer
+    first = loras[0]
+    metadata = dict(first.metadata)
+    if join:
+        metadata[JOIN_KEY] = json.dumps({"sources": [
+            {"file": lora.label, "weight": weight, "segments": segments[i]}
+            for i, (lora, weight) in enumerate(zip(loras, weights))]})
+    return LoraFile(layers, archs.pop() if archs else "unknown", "merge", metadata, None, [])
+
+
+def _merge_layer(key: str, present: list[tuple[int, Layer]], weights: list[float],
+                 segments: list[dict[str, list[int]]]) -> Optional[Layer]:
+    first = present[0][1]
+    shapes = {layer.shape for _, layer in present}
+    if len(shapes) > 1:
+        raise LoraError(f"sources change this weight with different shapes {sorted(shapes)}", layer=key,
+                        fix="the LoRAs were made for different base models; merge only matching LoRAs")
+    if any(layer.dora_scale is not None for _, layer in present) and len(present) > 1:
+        raise LoraError("DoRA layers cannot be summed exactly (their magnitude is not additive)", layer=key,
+                        fix="merge DoRA LoRAs only with a base checkpoint applied, or resize them separately")
+    bias = None
+    if any(layer.bias_diff is not None for _, layer in present):
+        bias = sum(weights[i] * layer.bias_diff.float() for i, layer in present if layer.bias_diff is not None)
+    factored = [(i, _as_plain_lora(layer)) for i, layer in present]
+    if all(f is not None for _, f in factored):
+        ups, downs, col = [], [], 0
+        for i, (up, down) in factored:
+            ups.append(up * weights[i])
+            downs.append(down)
+            segments[i][key] = [col, col + down.shape[0]]
+            col += down.shape[0]
+        up = torch.cat(ups, dim=1)
+        down = torch.cat(downs, dim=0)
+        if first.is_conv:
+            up = up.reshape(*up.shape, 1, 1)
+            down = down.reshape(down.shape[0], *first.shape[1:])
+        return Layer(name=first.name, kind="lora", factors={"up": up, "down": down}, shape=first.shape,
+                     alpha=float(col), offset=first.offset, dora_scale=first.dora_scale, bias_diff=bias,
+                     source_key=first.source_key)
+    diff = sum(weights[i] * delta_weight(layer) for i, layer in present)
+    for i, _ in present:
+        segments[i][key] = []  # dense layers have no rank segment to toggle
+    return Layer(name=first.name, kind="full", factors={"diff": diff}, shape=first.shape, offset=first.offset,
+                 dora_scale=first.dora_scale, bias_diff=bias, source_key=first.source_key)
+
+
+def join_sources(lora: LoraFile) -> list[dict]:
+    raw = lora.metadata.get(JOIN_KEY)
+    if not raw:
+        raise LoraError("this LoRA was not made by a join", file=lora.label, fix="merge with mode join first")
+    return json.loads(raw)["sources"]
+
+
+def set_join_toggles(lora: LoraFile, toggles: Sequence[float]) -> LoraFile:
+    """Scale each joined source's rank segment by its toggle (1 on, 0 off, anything between)."""
+    sources = join_sources(lora)
+    if len(toggles) != len(sources):
+        raise LoraError(f"{len(toggles)} toggles for {len(sources)} joined sources", file=lora.label,
+                        fix="give one value per source")
+    layers = {}
+    for key, layer in lora.layers.items():
+        if layer.kind != "lora":
+            layers[key] = layer
+            continue
+        up = layer.factors["up"].clone()
+        for toggle, source in zip(toggles, sources):
+            segment = source["segments"].get(key)
+            if segment:
+                up[:, segment[0]:segment[1]] *= float(toggle)
+        layers[key] = layer.with_factors({**layer.factors, "up": up})
+    return LoraFile(layers, lora.architecture, lora.family, dict(lora.metadata), lora.path, list(lora.unknown_keys))
+
+
+__all__ = ["merge", "set_join_toggles", "join_sources", "layer_key"]

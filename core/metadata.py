@@ -1,0 +1,63 @@
+"""Output metadata: keep what trainers and UIs read, add our provenance, recompute sd-scripts' hashes."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterable, Mapping, Optional
+
+from . import __version__
+from .model import LoraFile
+
+PROVENANCE_KEY = "lora_resize"
+_KEPT_PREFIXES = ("ss_", "modelspec.")
+_STALE = ("sshs_model_hash", "sshs_legacy_hash")
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sd_scripts_hashes(serialized_with_ss_metadata: bytes) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts' precalculate_safetensors_hashes computes them.
+
+    Both are taken over the file as it would be written with only the ``ss_*`` metadata: the model
+    hash is the sha256 of everything after the header, the legacy hash the first 8 hex digits of
+    the sha256 of the 64 KiB at offset 1 MiB.
+    """
+    data = serialized_with_ss_metadata
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def kept_metadata(source: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in source.items() if k.startswith(_KEPT_PREFIXES) and k not in _STALE}
+
+
+def output_metadata(lora: LoraFile, *, operation: str, recipe: Optional[str] = None,
+                    sources: Iterable[Mapping[str, str]] = (), extra: Optional[Mapping] = None) -> dict[str, str]:
+    """Metadata for a written file: the source's ss_*/modelspec.*, updated dim/alpha, provenance."""
+    meta = kept_metadata(lora.metadata)
+    ranks = {name: layer.rank for name, layer in lora.layers.items() if layer.kind == "lora"}
+    alphas = {layer.alpha for layer in lora.layers.values() if layer.kind == "lora"}
+    if ranks:
+        distinct = set(ranks.values())
+        meta["ss_network_dim"] = str(distinct.pop()) if len(distinct) == 1 else "Dynamic"
+        meta["ss_network_alpha"] = (str(float(alphas.pop())) if len(alphas) == 1 and None not in alphas
+                                    else "Dynamic")
+    provenance = {"tool": "comfyui-lora-resize", "version": __version__, "operation": operation,
+                  "recipe": recipe, "sources": list(sources), "ranks": ranks}
+    if extra:
+        provenance.update(extra)
+    meta[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+    return meta
+
+
+def read_provenance(metadata: Mapping[str, str]) -> Optional[dict]:
+    raw = metadata.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else None

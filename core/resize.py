@@ -1,0 +1,254 @@
+"""Resize a LoRA by recipes: decompose once, score and cut per recipe, rebuild plain LoRA factors.
+
+Rebuilt factors split √σ between up and down and alpha = new rank (scale 1), so ΔW' is exactly the
+kept truncated SVD, with ``rescale`` baked in. Layers that keep nothing are dropped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from .decompose import Decomposed, decompose, effective_down
+from .errors import LoraError
+from .formats.writer import encoded_size
+from .model import Layer, LoraFile
+from .recipe import Recipe
+from .select import References, Selection, score, select
+
+log = logging.getLogger("lora_resize")
+
+
+@dataclass
+class ResizeResult:
+    recipe: Recipe
+    lora: LoraFile
+    threshold: Optional[float]
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer report rows
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_error(self) -> float:
+        """‖ΔW − ΔW'‖_F / ‖ΔW‖_F over the whole LoRA (all layers together)."""
+        dropped = sum(row["dropped_energy"] for row in self.layers)
+        total = sum(row["energy"] for row in self.layers)
+        return math.sqrt(dropped / total) if total else 0.0
+
+
+def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0) -> Optional[Layer]:
+    """Plain LoRA/LoCon layer of the kept singular values, or None when nothing is kept."""
+    kept = int(mask.sum())
+    if kept == 0:
+        return None
+    root = torch.sqrt(item.S[mask] * rescale)
+    up = item.U[:, mask] * root
+    down = (root[:, None] * item.Vh[mask]).reshape(kept, *item.in_shape)
+    if item.layer.is_conv:
+        up = up.reshape(*up.shape, 1, 1)
+    source = item.layer
+    return Layer(name=source.name, kind="lora", factors={"up": up.contiguous(), "down": down.contiguous()},
+                 shape=source.shape, alpha=float(kept), offset=source.offset, dora_scale=source.dora_scale,
+                 bias_diff=source.bias_diff, source_key=source.source_key)
+
+
+def _shape_only(item: Decomposed, kept: int) -> Optional[Layer]:
+    """A rebuilt layer's shapes on the meta device: for exact size accounting without arithmetic."""
+    if kept == 0:
+        return None
+    up_shape = (item.layer.out_features, kept, 1, 1) if item.layer.is_conv else (item.layer.out_features, kept)
+    meta = {"up": torch.empty(up_shape, device="meta"), "down": torch.empty(kept, *item.in_shape, device="meta")}
+    source = item.layer
+    return Layer(name=source.name, kind="lora", factors=meta, shape=source.shape, alpha=float(kept),
+                 offset=source.offset, dora_scale=source.dora_scale, bias_diff=source.bias_diff,
+                 source_key=source.source_key)
+
+
+def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base, *, device=None, cache=None,
+                    progress: Optional[Callable[[int, int], None]] = None) -> dict[str, References]:
+    """Base-checkpoint references each recipe needs, computed once for all recipes."""
+    needed = set().union(*(r.weights for r in recipes)) if recipes else set()
+    if not needed & {"spn_ckpt", "fro_ckpt", "subspace"}:
+        return {}
+    if base is None:
+        raise LoraError("this recipe compares with the base checkpoint, and none was given",
+                        fix="pass the checkpoint (not '-'), or use spn_lora/fro_lora/params or rank=")
+    from .base import reference_norms
+
+    kinds = tuple(k for k, m in (("spectral", "spn_ckpt"), ("frobenius", "fro_ckpt")) if m in needed)
+    kinds = kinds or ("frobenius",)
+    available = base.names()
+    targets = []
+    missing = []
+    for item in items:
+        if item.layer.name in available:
+            targets.append((item.layer.name, item.layer.offset))
+        else:
+            missing.append(item.key)
+    if missing:
+        raise LoraError(f"{len(missing)} LoRA layers have no weight in the base checkpoint "
+                        f"(first: {missing[0]})", file=getattr(base, "label", None),
+                        fix="use the checkpoint this LoRA was trained for (a LoRA of another architecture "
+                        "does not match)")
+    norms = reference_norms(base, targets, kinds=kinds + (("frobenius",) if "frobenius" not in kinds else ()),
+                            device=device, cache=cache, progress=progress)
+    table: dict[str, References] = {}
+    for item in items:
+        if item.key in missing:
+            continue
+        values = norms[(item.layer.name, item.layer.offset)]
+        refs = References(spectral=values.get("spectral"), frobenius=values.get("frobenius"))
+        if "subspace" in needed:
+            weight = base.weight(item.layer.name, item.layer.offset, device=device).flatten(1)
+            U, Vh = item.U.to(weight.device), item.Vh.to(weight.device)
+            refs.subspace = ((U.T @ weight) * Vh).sum(dim=1).abs().cpu()
+        table[item.key] = refs
+    return table
+
+
+def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str, References], *,
+                 template: LoraFile, convention: str = "kohya", dtype: Optional[torch.dtype] = torch.float16,
+                 operation: str = "resize", sources=()) -> ResizeResult:
+    """One recipe on decomposed layers: select, rebuild, report."""
+    if recipe.method == "randproj":
+        return _random_projection(items, recipe, template)
+    bytes_per_element = torch.empty(0, dtype=dtype or torch.float16).element_size()
+
+    def measure(masks: Mapping[str, torch.Tensor]) -> int:
+        layers = {}
+        for item in items:
+            layer = _shape_only(item, int(masks[item.key].sum()))
+            if layer is not None:
+                layers[item.key] = layer
+        if not layers:
+            return 0
+        draft = _derived(template, layers)
+        return encoded_size(draft, convention=convention, dtype=dtype, operation=operation, recipe=recipe.text,
+                            sources=sources)
+
+    selection = select(list(items), recipe, refs, measure=measure, bytes_per_element=bytes_per_element)
+    return _result(items, recipe, refs, selection, template)
+
+
+def _derived(template: LoraFile, layers: dict[str, Layer]) -> LoraFile:
+    return LoraFile(layers, template.architecture, template.family, dict(template.metadata), None, [])
+
+
+def _result(items, recipe: Recipe, refs, selection: Selection, template: LoraFile) -> ResizeResult:
+    layers: dict[str, Layer] = {}
+    rows = []
+    for item in items:
+        mask = selection.masks[item.key]
+        rebuilt = rebuild_layer(item, mask, recipe.rescale)
+        if rebuilt is not None:
+            layers[item.key] = rebuilt
+        rows.append(_report_row(item, mask, recipe, refs.get(item.key)))
+    return ResizeResult(recipe, _derived(template, layers), selection.threshold, rows)
+
+
+def _report_row(item: Decomposed, mask: torch.Tensor, recipe: Recipe, refs: Optional[References]) -> dict:
+    S = item.S * recipe.rescale
+    energy = float(S.pow(2).sum())
+    dropped = float(S[~mask].pow(2).sum())
+    row = {"name": item.key, "kind": item.layer.kind_label, "old_rank": item.layer.rank or item.rank,
+           "new_rank": int(mask.sum()), "energy": energy, "dropped_energy": dropped,
+           "rle_lora": math.sqrt(dropped / energy) if energy else 0.0, "rle_ckpt": None,
+           "sigma_max": float(S[0])}
+    if refs is not None and refs.frobenius:
+        row["rle_ckpt"] = math.sqrt(dropped) / refs.frobenius
+    return row
+
+
+def _random_projection(items: Sequence[Decomposed], recipe: Recipe, template: LoraFile) -> ResizeResult:
+    """A' = R·A, B' = B·Rᵀ with R ~ N(0, 1/k) (or a sparse ±1/√(density·k) matrix), in fp32.
+
+    Seeded per layer from (seed, layer name), so the same recipe gives the same file. Dense layers
+    (LoHa, LoKr, diffs) have no A and B: they are cut by their SVD instead.
+    """
+    layers: dict[str, Layer] = {}
+    rows = []
+    notes = []
+    for item in items:
+        source = item.layer
+        cap = recipe.rank_cap(source.is_conv)
+        if source.kind != "lora" or cap is None or source.rank <= cap:
+            mask = torch.zeros(item.rank, dtype=torch.bool)
+            mask[: cap if cap is not None else item.rank] = True
+            if source.kind != "lora" and cap is not None:
+                notes.append(f"{item.key}: {source.kind} layer cut by SVD (random projection needs A and B)")
+            rebuilt = rebuild_layer(item, mask, recipe.rescale)
+            layers[item.key] = rebuilt
+            rows.append(_report_row(item, mask, recipe, None))
+            continue
+        generator = torch.Generator().manual_seed(_layer_seed(recipe.seed, item.key))
+        R = _projection(cap, source.rank, recipe.sparse, generator)
+        up = source.factors["up"].to(torch.float32).flatten(1) * (source.scale * recipe.rescale)
+        down = effective_down(source)
+        new_up, new_down = up @ R.T, R @ down
+        error = _projection_error(up, down, R)
+        if source.is_conv:
+            new_up = new_up.reshape(*new_up.shape, 1, 1)
+        new_down = new_down.reshape(cap, *source.shape[1:])
+        layers[item.key] = Layer(name=source.name, kind="lora", factors={"up": new_up, "down": new_down},
+                                 shape=source.shape, alpha=float(cap), offset=source.offset,
+                                 dora_scale=source.dora_scale, bias_diff=source.bias_diff,
+                                 source_key=source.source_key)
+        energy = float((item.S * recipe.rescale).pow(2).sum())
+        rows.append({"name": item.key, "kind": source.kind_label, "old_rank": source.rank, "new_rank": cap,
+                     "energy": energy, "dropped_energy": error ** 2,
+                     "rle_lora": error / math.sqrt(energy) if energy else 0.0, "rle_ckpt": None,
+                     "sigma_max": float(item.S[0] * recipe.rescale)})
+    return ResizeResult(recipe, _derived(template, layers), None, rows, notes)
+
+
+def _layer_seed(seed: int, key: str) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
+
+
+def _projection(k: int, r: int, density: Optional[float], generator: torch.Generator) -> torch.Tensor:
+    if density is None:
+        return torch.randn(k, r, generator=generator) / math.sqrt(k)
+    signs = torch.randint(0, 2, (k, r), generator=generator, dtype=torch.float32) * 2 - 1
+    keep = torch.rand(k, r, generator=generator) < density
+    return signs * keep / math.sqrt(density * k)
+
+
+def _projection_error(up: torch.Tensor, down: torch.Tensor, R: torch.Tensor) -> float:
+    """‖B A − B RᵀR A‖_F from r×r Gram matrices: √tr(BᵀB · M · AAᵀ · Mᵀ), M = I − RᵀR."""
+    M = torch.eye(R.shape[1]) - R.T @ R
+    value = torch.trace((up.T @ up) @ M @ (down @ down.T) @ M.T)
+    return math.sqrt(max(float(value), 0.0))
+
+
+def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None, cache=None,
+           convention: str = "kohya", dtype: Optional[torch.dtype] = torch.float16, sources=(),
+           progress: Optional[Callable[[str, int, int], None]] = None) -> list[ResizeResult]:
+    """Every recipe on one LoRA, sharing one decomposition and one set of base references."""
+    def stage(name):
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    fixed_caps = [r.rank_cap(False) for r in recipes if not r.scored and not r.kohya_rule]
+    dense_rank = max(fixed_caps) if fixed_caps and len(fixed_caps) == len(recipes) and None not in fixed_caps \
+        else None
+    niter = max((r.niter for r in recipes), default=2)
+    if not any(r.method == "rsvd" for r in recipes):
+        dense_rank = None
+    items = decompose(lora, device=device, dense_rank=dense_rank, niter=niter, progress=stage("decompose"))
+    refs = reference_table(items, recipes, base, device=device, cache=cache, progress=stage("base norms"))
+    results = []
+    for recipe in recipes:
+        results.append(apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
+                                    sources=sources))
+        notes = results[-1].notes
+        dora = [l for l in lora if l.dora_scale is not None]
+        if dora:
+            notes.append(f"{len(dora)} DoRA layers: magnitudes kept as they were"
+                         + ("" if base is not None else " (no base given, so the DoRA output was not checked)"))
+    return results
+
+
+__all__ = ["resize", "apply_recipe", "rebuild_layer", "reference_table", "ResizeResult", "score"]

@@ -1,0 +1,153 @@
+"""Reading and writing safetensors files safely: validate before trusting, write atomically.
+
+The header is checked by hand before safetensors touches the file, so a truncated, empty or
+hostile file (or a pickle renamed .safetensors) gets a :class:`LoraError` naming it instead of a
+Rust panic or, worse, an unpickle. Nothing here ever calls ``torch.load``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _st_save_bytes
+
+from .errors import LoraError
+
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_PICKLE_MAGICS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """Validated header of a safetensors file: ({key: {dtype, shape, data_offsets}}, metadata).
+
+    Raises LoraError for anything that is not a well-formed safetensors file, without reading the
+    tensor data.
+    """
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise LoraError(f"file is empty or shorter than a safetensors header ({size} bytes)",
+                                file=path, fix="the download or copy was cut short; get the file again")
+            if head[:2] in _PICKLE_MAGICS or head[:4] in _PICKLE_MAGICS:
+                raise LoraError("this is a pickle/PyTorch (.ckpt/.pt/.bin) file, which is never unpickled "
+                                "because it can run code", file=path,
+                                fix="use the .safetensors version of this LoRA, or convert it with a tool you trust")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > _MAX_HEADER or header_len > size - 8:
+                raise LoraError(f"header length {header_len} runs past the end of the {size}-byte file",
+                                file=path, fix="the file is truncated or not a safetensors file; get it again")
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise LoraError(f"cannot read file ({exc.strerror or exc})", file=path,
+                        fix="check the path and its permissions") from exc
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LoraError(f"header is not valid safetensors JSON ({exc})", file=path,
+                        fix="the file is corrupt or not a safetensors file") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - header_len
+    for key, info in header.items():
+        _check_entry(path, key, info, data_len)
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_entry(path: str, key: str, info: object, data_len: int) -> None:
+    try:
+        dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
+    except (TypeError, KeyError, ValueError) as exc:
+        raise LoraError("malformed tensor entry in header", file=path, layer=key,
+                        fix="the file is corrupt; get it again") from exc
+    if dtype not in DTYPE_SIZES:
+        raise LoraError(f"unknown dtype {dtype!r}", file=path, layer=key, fix="re-save the LoRA in fp16/bf16/fp32")
+    if end > data_len or start > end or start < 0:
+        raise LoraError(f"tensor data [{start}:{end}] lies past the end of the file's {data_len} data bytes",
+                        file=path, layer=key, fix="the file is truncated; get it again")
+    if math.prod(shape) * DTYPE_SIZES[dtype] != end - start:
+        raise LoraError(f"tensor of shape {shape} {dtype} does not fit its {end - start} bytes", file=path,
+                        layer=key, fix="the file is corrupt; get it again")
+
+
+def load_tensors(path: str | os.PathLike, keys: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+    """Tensors of a validated file, as stored (no dtype conversion); all of them unless ``keys``."""
+    path = str(path)
+    header, _ = read_header(path)
+    wanted = list(header) if keys is None else list(keys)
+    with safe_open(path, framework="pt", device="cpu") as fh:
+        return {k: fh.get_tensor(k) for k in wanted}
+
+
+def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The exact bytes a safetensors file of these tensors would hold."""
+    return _st_save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata))
+
+
+# safetensors orders tensors by dtype (its enum order, descending), then by name
+_DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+                "I64", "U64"]
+_TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def safetensors_size(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> int:
+    """Exact size of the file ``serialize`` would produce for tensors of these dtypes and shapes."""
+    entries = sorted(((_TORCH_TO_ST[dtype], shape, key) for key, (dtype, shape) in specs.items()),
+                     key=lambda e: (-_DTYPE_ORDER.index(e[0]), e[2]))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for dtype, shape, key in entries:
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text_len = len(json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    return 8 + text_len + (-text_len) % 8 + offset
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Write to a temporary file beside ``path`` then rename: a crash never leaves a partial file.
+
+    Refuses to replace an existing file unless ``overwrite``; the refusal is decided atomically
+    (a hard link), so two writers racing for one name cannot both win.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not overwrite:
+        raise LoraError("output file already exists", file=str(target),
+                        fix="choose another name or ask to overwrite (--overwrite)")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError as exc:
+                raise LoraError("output file already exists", file=str(target),
+                                fix="choose another name or ask to overwrite (--overwrite)") from exc
+            except OSError:  # file systems without hard links: best effort
+                if target.exists():
+                    raise LoraError("output file already exists", file=str(target),
+                                    fix="choose another name or ask to overwrite (--overwrite)")
+                os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,98 @@
+"""Decomposition without forming B·A: exact keep-all, Eckart–Young truncation, batching, dense kinds."""
+import math
+
+import pytest
+import torch
+
+from core.decompose import decompose
+from core.model import Layer, LoraFile
+from core.resize import rebuild_layer
+from tests.helpers import dense_delta, lora_layer, synthetic_lora
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_keep_all_reproduces_delta():
+    lora = synthetic_lora(count=6, rank=16)
+    items = decompose(lora)
+    assert len(items) == 6
+    for item in items:
+        rebuilt = rebuild_layer(item, torch.ones(item.rank, dtype=torch.bool))
+        assert rebuilt.rank == 16 and rebuilt.scale == 1.0
+        assert _rel(dense_delta(rebuilt), dense_delta(item.layer)) < 1e-5
+
+
+def test_singular_values_match_full_svd_of_delta():
+    layer = lora_layer("x", 96, 80, 12, alpha=3.0, seed=3)
+    (item,) = decompose([layer])
+    reference = torch.linalg.svdvals(dense_delta(layer))[:12]
+    assert torch.allclose(item.S.double(), reference, rtol=1e-5)
+    assert bool((item.S[:-1] >= item.S[1:]).all())
+
+
+@pytest.mark.parametrize("keep", [1, 4, 9])
+def test_truncation_error_is_the_discarded_energy(keep):
+    layer = lora_layer("x", 128, 64, 16, alpha=8.0, seed=5)
+    (item,) = decompose([layer])
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[:keep] = True
+    rebuilt = rebuild_layer(item, mask)
+    error = float((dense_delta(rebuilt) - dense_delta(layer)).norm())
+    eckart_young = float(item.S[keep:].double().pow(2).sum().sqrt())
+    assert rebuilt.rank == keep
+    assert abs(error - eckart_young) / eckart_young < 1e-4
+
+
+def test_conv_and_tucker_layers():
+    conv = lora_layer("c", 32, 16, 4, alpha=2.0, seed=1, conv=(3, 3))
+    (item,) = decompose([conv])
+    rebuilt = rebuild_layer(item, torch.ones(item.rank, dtype=torch.bool))
+    assert tuple(rebuilt.factors["down"].shape) == (4, 16, 3, 3)
+    assert tuple(rebuilt.factors["up"].shape) == (32, 4, 1, 1)
+    assert _rel(dense_delta(rebuilt), dense_delta(conv)) < 1e-5
+
+    g = torch.Generator().manual_seed(2)
+    tucker = Layer("t", "lora", {"up": torch.randn(24, 4, 1, 1, generator=g),
+                                 "down": torch.randn(4, 8, 1, 1, generator=g),
+                                 "mid": torch.randn(4, 4, 3, 3, generator=g)}, shape=(24, 8, 3, 3), alpha=4.0)
+    (item,) = decompose([tucker])
+    rebuilt = rebuild_layer(item, torch.ones(item.rank, dtype=torch.bool))
+    assert "mid" not in rebuilt.factors
+    assert _rel(dense_delta(rebuilt), dense_delta(tucker)) < 1e-5
+
+
+def test_negative_scale_and_fp16_factors():
+    layer = lora_layer("x", 64, 48, 8, alpha=-4.0, seed=7, dtype=torch.float16)
+    (item,) = decompose([layer])
+    assert bool((item.S > 0).all())
+    rebuilt = rebuild_layer(item, torch.ones(item.rank, dtype=torch.bool))
+    assert _rel(dense_delta(rebuilt), dense_delta(layer)) < 1e-5
+
+
+def test_dense_kinds_use_full_svd():
+    g = torch.Generator().manual_seed(4)
+    loha = Layer("h", "loha", {"w1a": torch.randn(32, 4, generator=g), "w1b": torch.randn(4, 24, generator=g),
+                               "w2a": torch.randn(32, 4, generator=g), "w2b": torch.randn(4, 24, generator=g)},
+                 shape=(32, 24), alpha=2.0)
+    (item,) = decompose([loha])
+    assert item.rank <= 16  # the Hadamard product of two rank-4 maps has rank ≤ 16
+    rebuilt = rebuild_layer(item, torch.ones(item.rank, dtype=torch.bool))
+    assert _rel(dense_delta(rebuilt), dense_delta(loha)) < 1e-5
+
+
+def test_all_zero_layer_is_skipped_with_warning(caplog):
+    zero = lora_layer("z", 32, 32, 4)
+    zero.factors["up"] = torch.zeros_like(zero.factors["up"])
+    items = decompose([zero, lora_layer("y", 32, 32, 4)])
+    assert [item.key for item in items] == ["y"]
+    assert "all zeros" in caplog.text
+
+
+def test_batches_give_the_same_result_as_single_layers():
+    layers = [lora_layer(f"l{i}", 64, 64, 8, alpha=4.0, seed=i) for i in range(5)]
+    together = decompose(layers)
+    alone = [decompose([layer])[0] for layer in layers]
+    for a, b in zip(together, alone):
+        assert torch.allclose(a.S, b.S, rtol=1e-5)
