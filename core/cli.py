@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from .errors import LoraError
+from .resize_cli import add_resize_parser
 
 log = logging.getLogger("lora_resize")
 
@@ -74,12 +75,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     _add_common(p)
     handlers["convert"] = cmd_convert
 
-    try:
-        from .resize_cli import add_resize_parser
-    except ImportError:  # the resize engine is optional for inspect/convert
-        pass
-    else:
-        add_resize_parser(sub, handlers, _add_common)
+    add_resize_parser(sub, handlers, _add_common)
     return parser, handlers
 
 

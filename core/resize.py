@@ -29,6 +29,7 @@ class ResizeResult:
     threshold: Optional[float]
     layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer report rows
     notes: list[str] = field(default_factory=list)
+    scores: Optional[torch.Tensor] = None  # every singular value's log10 score, for scored recipes
 
     @property
     def total_error(self) -> float:
@@ -129,7 +130,10 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
                             sources=sources)
 
     selection = select(list(items), recipe, refs, measure=measure, bytes_per_element=bytes_per_element)
-    return _result(items, recipe, refs, selection, template)
+    result = _result(items, recipe, refs, selection, template)
+    if recipe.scored and items:
+        result.scores = torch.cat([score(item, recipe, refs.get(item.key)) for item in items])
+    return result
 
 
 def _derived(template: LoraFile, layers: dict[str, Layer]) -> LoraFile:

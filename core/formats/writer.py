@@ -21,6 +21,7 @@ from ..model import Layer, LoraFile
 from ..safetensors_io import atomic_write_bytes, safetensors_size, serialize
 from .conventions import CONVENTIONS, Convention
 
+ALPHA_SUFFIX = ".alpha"
 OUTPUT_DTYPES = {"fp16": torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
                  "32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float32": torch.float32}
@@ -48,8 +49,9 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: Optional[tor
             factors["up"] = factors["up"].to(torch.float32) * layer.scale  # PEFT: bake the scale in
         for role, tensor in factors.items():
             tensors[prefix + conv.write[(layer.kind, role)]] = _cast(tensor, dtype)
-        if layer.alpha is not None and conv.alpha_in_tensor and layer.kind != "full":
-            tensors[prefix + conv.write[(None, "alpha")]] = _alpha_tensor(layer.alpha, dtype or _dtype_of(layer))
+        # PEFT keeps a LoRA's alpha in metadata; LyCORIS kinds have no such place and keep `.alpha`
+        if layer.alpha is not None and layer.kind != "full" and (conv.alpha_in_tensor or layer.kind != "lora"):
+            tensors[prefix + ALPHA_SUFFIX] = _alpha_tensor(layer.alpha, dtype or _dtype_of(layer))
         if not conv.alpha_in_tensor and layer.kind == "lora":
             component, _, module = prefix.partition(".")
             peft_ranks[component][module] = layer.rank

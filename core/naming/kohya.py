@@ -1,0 +1,60 @@
+"""kohya's underscored names back to dotted module paths, by a vocabulary of multi-word atoms.
+
+kohya writes ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` as
+``input_blocks_4_1_transformer_blocks_0_attn1_to_q``: '.' and '_' collide, so the way back is a
+greedy longest match over the identifiers that really contain underscores.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+# Identifiers with underscores in them, in every model family we name (SGM/diffusers UNets, Flux,
+# CLIP, T5). Single words need no entry.
+ATOMS: tuple[str, ...] = (
+    # SGM UNet
+    "input_blocks", "output_blocks", "middle_block", "transformer_blocks", "proj_in", "proj_out",
+    "emb_layers", "in_layers", "out_layers", "skip_connection", "time_embed", "label_emb",
+    "to_q", "to_k", "to_v", "to_out",
+    # diffusers UNet
+    "down_blocks", "up_blocks", "mid_block", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out",
+    "conv_norm_out", "time_embedding", "add_embedding", "class_embedding", "linear_1", "linear_2",
+    # Flux (BFL)
+    "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
+    "final_layer", "adaLN_modulation", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer",
+    "out_layer", "query_norm", "key_norm",
+    # Flux (diffusers)
+    "single_transformer_blocks", "x_embedder", "context_embedder", "norm_out", "norm1_context", "ff_context",
+    "to_add_out", "add_q_proj", "add_k_proj", "add_v_proj", "proj_mlp", "time_text_embed", "timestep_embedder",
+    "text_embedder", "guidance_embedder", "norm_added_q", "norm_added_k", "norm_q", "norm_k",
+    # CLIP / T5
+    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm", "text_projection",
+    "SelfAttention", "EncDecAttention", "DenseReluDense", "layer_norm", "wi_0", "wi_1",
+)
+
+
+@lru_cache(maxsize=None)
+def _atoms_by_length() -> tuple[tuple[tuple[str, ...], str], ...]:
+    atoms = sorted(ATOMS, key=lambda a: -a.count("_"))
+    return tuple((tuple(a.split("_")), a) for a in atoms)
+
+
+@lru_cache(maxsize=65536)
+def dotted(underscored: str) -> str:
+    """``input_blocks_4_1_transformer_blocks_0_attn1_to_q`` -> ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``."""
+    tokens = underscored.split("_")
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        for parts, atom in _atoms_by_length():
+            if tuple(tokens[i:i + len(parts)]) == parts:
+                out.append(atom)
+                i += len(parts)
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return ".".join(out)
+
+
+def underscored(dotted_name: str) -> str:
+    return dotted_name.replace(".", "_")

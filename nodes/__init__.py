@@ -1,0 +1,18 @@
+"""ComfyUI nodes: thin declarations over core/. Ids are prefixed so they never collide with the host's."""
+from .apply import ApplyLoRA
+from .load import LoadLoRAForResize
+from .merge import MergeLoRAs
+from .recipe import ScoreRecipe
+from .resize import ResizeLoRA
+from .save import SaveLoRA
+
+_NODES = {
+    "LoadLoRAForResize": (LoadLoRAForResize, "Load LoRA For Resize"),
+    "MergeLoRAs": (MergeLoRAs, "Merge LoRAs (exact)"),
+    "ScoreRecipe": (ScoreRecipe, "LoRA Resize Recipe"),
+    "ResizeLoRA": (ResizeLoRA, "Resize LoRA"),
+    "SaveLoRA": (SaveLoRA, "Save LoRA (resized)"),
+    "ApplyLoRA": (ApplyLoRA, "Apply LoRA (resize pack)"),
+}
+NODE_CLASS_MAPPINGS = {f"LoraResize_{name}": cls for name, (cls, _) in _NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {f"LoraResize_{name}": title for name, (_, title) in _NODES.items()}

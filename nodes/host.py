@@ -1,0 +1,126 @@
+"""The ComfyUI host, used instead of rewritten: folders, key maps, progress, interrupts, weights.
+
+Everything that touches ComfyUI's modules lives here, so node files stay declarations.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..core.base import StateDictBase
+
+
+def lora_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def progress_callback(total_hint: int = 1) -> Callable[[str, int, int], None]:
+    """A (stage, done, total) callback driving ComfyUI's ProgressBar and honouring Cancel."""
+    bar = comfy.utils.ProgressBar(total_hint)
+
+    def update(stage: str, done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return update
+
+
+def compute_device(model=None) -> torch.device:
+    """Where the maths runs: the model's load device (the GPU when ComfyUI has one)."""
+    if model is not None and getattr(model, "load_device", None) is not None:
+        return torch.device(model.load_device)
+    return comfy.model_management.get_torch_device()
+
+
+def _original_weights(patcher, prefix_filter: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Model keys -> weights as loaded from the checkpoint, never as patched by an applied LoRA.
+
+    ComfyUI patches weights in place when it loads a patched clone and keeps the originals in the
+    patcher's ``backup`` (shared by all clones), so a backed-up key's original is taken from there.
+    """
+    state = patcher.model.state_dict()
+    backup = getattr(patcher, "backup", {}) or {}
+    out = {}
+    for key, tensor in state.items():
+        if not key.endswith(".weight") or tensor.dim() < 2:
+            continue
+        if prefix_filter and not key.startswith(prefix_filter):
+            continue
+        original = backup.get(key)
+        out[key[: -len(".weight")]] = original.weight if original is not None else tensor
+    return out
+
+
+def _fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """Identifies the checkpoint by content: names, shapes and the bytes of a few sampled tensors."""
+    digest = hashlib.sha256()
+    names = sorted(weights)
+    for name in names:
+        digest.update(f"{name}:{tuple(weights[name].shape)}:{weights[name].dtype};".encode())
+    for name in names[:: max(1, len(names) // 8)][:8]:
+        sample = weights[name].flatten()[:4096].detach().to("cpu", torch.float32).contiguous()
+        digest.update(sample.numpy().tobytes())
+    return "model:" + digest.hexdigest()
+
+
+def base_from_host(model=None, clip=None) -> Optional[StateDictBase]:
+    """Base weights from the MODEL/CLIP the graph already loaded, keyed by canonical layer name."""
+    weights: dict[str, torch.Tensor] = {}
+    if model is not None:
+        weights.update(_original_weights(model, "diffusion_model."))
+    if clip is not None:
+        weights.update(_original_weights(clip.patcher))
+    if not weights:
+        return None
+    return StateDictBase(weights, fingerprint=_fingerprint(weights), label="the loaded MODEL/CLIP")
+
+
+def host_key_map(model=None, clip=None) -> dict[str, str]:
+    """ComfyUI's own LoRA key map: LoRA key prefix -> model key (without .weight)."""
+    key_map: dict = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return {k: (v if isinstance(v, str) else v[0])[: -len(".weight")] for k, v in key_map.items()
+            if (v if isinstance(v, str) else v[0]).endswith(".weight")}
+
+
+def norms_cache_dir() -> str:
+    """Beside the checkpoints folder, so caches survive restarts and follow the models."""
+    folders = folder_paths.get_folder_paths("checkpoints")
+    return folders[0] if folders else folder_paths.models_dir
+
+
+def lora_folders() -> list[str]:
+    return folder_paths.get_folder_paths("loras")
+
+
+def save_folder(prefix: str) -> tuple[str, str]:
+    """(folder, file stem) for a save prefix inside the first loras folder; refuses escapes."""
+    root = os.path.abspath(lora_folders()[0])
+    full = os.path.abspath(os.path.join(root, os.path.normpath(prefix)))
+    if os.path.commonpath([root, full]) != root or prefix.startswith(("/", "\\")) or ".." in prefix.split("/"):
+        from ..core.errors import LoraError
+
+        raise LoraError(f"save prefix {prefix!r} leaves the loras folder", fix="use a name like "
+                        "'resized/my_lora' inside the loras folder")
+    return os.path.dirname(full), os.path.basename(full)
+
+
+def refresh_lora_list() -> None:
+    """Drop ComfyUI's cached file list so LoraLoader shows the new file without a restart."""
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop("loras", None)
+    helper = getattr(folder_paths, "cache_helper", None)
+    if helper is not None:
+        helper.clear()

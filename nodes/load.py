@@ -1,0 +1,33 @@
+"""LoadLoRAForResize: a LoRA from the loras folders, read into the pack's model."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..core.formats import read_lora
+from ..core.inspect import format_summary, summarize
+from ..core.metadata import file_sha256
+from .host import lora_path
+from .lora_type import CATEGORY, LORA_TYPE, ResizableLora
+
+
+class LoadLoRAForResize:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (LORA_TYPE, "STRING")
+    RETURN_NAMES = ("lora", "summary")
+    OUTPUT_TOOLTIPS = ("The LoRA, ready to merge, resize or apply.", "What the file holds.")
+    FUNCTION = "load"
+    DESCRIPTION = "Reads a LoRA file of any common format (kohya, LyCORIS, PEFT/diffusers, ComfyUI) for resizing."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A file in your loras folders."}),
+        }}
+
+    def load(self, lora_name: str):
+        path = lora_path(lora_name)
+        lora = read_lora(path)
+        sources = [{"file": os.path.basename(path), "sha256": file_sha256(path)}]
+        return (ResizableLora(lora, sources, lora_name), format_summary(summarize(lora)))

@@ -1,0 +1,30 @@
+"""What flows between the pack's nodes: a LoRA plus its decomposition, computed once and lazily."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..core.decompose import Decomposed, decompose
+from ..core.model import LoraFile
+
+LORA_TYPE = "RESIZABLE_LORA"  # our own socket type: it cannot be wired into other packs' LORA inputs
+RECIPE_TYPE = "RESIZE_RECIPE"
+CATEGORY = "loaders/lora resize"
+
+
+class ResizableLora:
+    """A LoRA in the pack's model; several ResizeLoRA nodes on one input share its decomposition."""
+
+    def __init__(self, lora: LoraFile, sources: list[dict], label: str, operation: str = "resize"):
+        self.lora = lora
+        self.sources = sources
+        self.label = label
+        self.operation = operation
+        self._decomposed: Optional[list[Decomposed]] = None
+
+    def decomposition(self, device: Optional[torch.device] = None,
+                      progress: Optional[Callable[[int, int], None]] = None) -> list[Decomposed]:
+        if self._decomposed is None:
+            self._decomposed = decompose(self.lora, device=device, progress=progress)
+        return self._decomposed

@@ -1,0 +1,64 @@
+"""ScoreRecipe: build a resize recipe from widgets, or take a raw recipe string; validated here."""
+from __future__ import annotations
+
+from ..core.recipe import SCORE_METHODS, parse_recipe
+from .lora_type import CATEGORY, RECIPE_TYPE
+
+_SELECTIONS = ["thr", "size", "rank", "sv_ratio", "sv_fro", "sv_cumulative"]
+
+
+def _weight(tooltip: str, default: float = 0.0):
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": tooltip})
+
+
+class ScoreRecipe:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (RECIPE_TYPE, "STRING")
+    RETURN_NAMES = ("recipe", "recipe_text")
+    FUNCTION = "build"
+    DESCRIPTION = "How ResizeLoRA decides which singular values of each layer to keep. Rejects a bad recipe at once."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "fro_ckpt": _weight("Weight of the comparison with the base layer's Frobenius norm.", 1.0),
+            "spn_ckpt": _weight("Weight of the comparison with the base layer's spectral norm (largest σ)."),
+            "spn_lora": _weight("Weight of the comparison with the LoRA layer's own largest σ."),
+            "fro_lora": _weight("Weight of the comparison with the LoRA layer's own Frobenius norm."),
+            "subspace": _weight("Weight of the comparison with how much the base acts along each direction."),
+            "params": _weight("Weight of the parameters-per-rank penalty (favours cheap layers under size=)."),
+            "selection": (_SELECTIONS, {"tooltip": "thr: log10 score threshold; size: target MiB; rank: fixed "
+                                                   "rank; sv_*: kohya's dynamic rules."}),
+            "value": ("FLOAT", {"default": -3.5, "min": -100.0, "max": 100000.0, "step": 0.01,
+                                "tooltip": "The threshold, size in MiB, rank, or sv_* parameter."}),
+            "rescale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                  "tooltip": "Multiply the LoRA's effect by this (baked into the result)."}),
+            "reducer": (["svd", "rsvd", "randproj"], {"tooltip": "For fixed ranks: exact SVD, randomized "
+                                                                 "SVD, or seeded random projection."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random projection."}),
+        }, "optional": {
+            "raw_recipe": ("STRING", {"default": "", "multiline": False,
+                                      "tooltip": "A recipe in the CLI grammar (e.g. fro_ckpt=1,thr=-3.5); "
+                                                 "when set it replaces every widget above."}),
+        }}
+
+    def build(self, fro_ckpt, spn_ckpt, spn_lora, fro_lora, subspace, params, selection, value, rescale, reducer,
+              seed, raw_recipe=""):
+        text = raw_recipe.strip() or self.compose(locals())
+        recipe = parse_recipe(text)
+        return (recipe, recipe.text)
+
+    @staticmethod
+    def compose(values: dict) -> str:
+        tokens = []
+        if values["selection"] in ("thr", "size"):
+            tokens += [f"{m}={values[m]:g}" for m in SCORE_METHODS if values[m]]
+        number = int(values["value"]) if values["selection"] == "rank" else values["value"]
+        tokens.append(f"{values['selection']}={number:g}")
+        if values["rescale"] != 1.0:
+            tokens.append(f"rescale={values['rescale']:g}")
+        if values["reducer"] != "svd":
+            tokens.append(f"method={values['reducer']}")
+            if values["reducer"] == "randproj":
+                tokens.append(f"seed={values['seed']}")
+        return ",".join(tokens)

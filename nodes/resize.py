@@ -1,0 +1,91 @@
+"""ResizeLoRA: apply a recipe, scoring against the MODEL/CLIP the graph already loaded."""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+from ..core.errors import LoraError
+from ..core.formats.writer import encoded_size
+from ..core.recipe import format_float
+from ..core.resize import apply_recipe, reference_table
+from .host import base_from_host, compute_device, norms_cache, progress_callback
+from .lora_type import CATEGORY, LORA_TYPE, RECIPE_TYPE, ResizableLora
+
+
+def block_of(name: str) -> str:
+    """Chart group of a layer: 'input_blocks.4', 'middle_block', 'clip_l 0-5', 'double_blocks.3' ..."""
+    match = re.match(r"diffusion_model\.((?:input|output)_blocks|double_blocks|single_blocks)\.(\d+)", name)
+    if match:
+        return f"{match.group(1)}.{match.group(2)}"
+    if name.startswith("diffusion_model.middle_block"):
+        return "middle_block"
+    match = re.match(r"(clip_[lg]|t5xxl)\..*?layers?\.(\d+)", name)
+    if match:
+        return match.group(1)
+    return name.split(".")[0] if not name.startswith("diffusion_model.") else name.split(".")[1]
+
+
+def chart_data(result, size_before: int, size_after: int) -> dict:
+    blocks: "OrderedDict[str, list[int]]" = OrderedDict()
+    for row in result.layers:
+        ranks = blocks.setdefault(block_of(row["name"]), [0, 0])
+        ranks[0] += row["old_rank"]
+        ranks[1] += row["new_rank"]
+    return {"blocks": [{"block": b, "original": r[0], "kept": r[1]} for b, r in blocks.items()],
+            "size_before": size_before, "size_after": size_after, "threshold": result.threshold,
+            "error": result.total_error, "recipe": result.recipe.text}
+
+
+def report_text(result, chart: dict) -> str:
+    old = sum(b["original"] for b in chart["blocks"])
+    new = sum(b["kept"] for b in chart["blocks"])
+    lines = [f"recipe {result.recipe.text}: total rank {old} -> {new}, "
+             f"{chart['size_before'] / 2**20:.2f} MiB -> {chart['size_after'] / 2**20:.2f} MiB, "
+             f"relative error {100 * result.total_error:.2f}%"
+             + ("" if result.threshold is None else f", threshold {format_float(result.threshold, 3)}")]
+    lines += [f"  note: {note}" for note in result.notes]
+    lines += [f"  {b['block']}: {b['original']} -> {b['kept']}" for b in chart["blocks"]]
+    return "\n".join(lines)
+
+
+class ResizeLoRA:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (LORA_TYPE, "STRING")
+    RETURN_NAMES = ("lora", "report")
+    OUTPUT_TOOLTIPS = ("The resized LoRA (plain LoRA/LoCon factors).", "Ranks, sizes and error per block.")
+    FUNCTION = "resize"
+    DESCRIPTION = ("Keeps the singular values the recipe scores highest. With MODEL/CLIP connected, base "
+                   "norms come from the weights ComfyUI already loaded (never re-read from disk) and are cached.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": (LORA_TYPE, {"tooltip": "The LoRA to resize."}),
+            "recipe": (RECIPE_TYPE, {"tooltip": "From a ScoreRecipe node."}),
+        }, "optional": {
+            "model": ("MODEL", {"tooltip": "The base model the LoRA was made for: needed by spn_ckpt, fro_ckpt "
+                                           "and subspace. Its unpatched weights are used."}),
+            "clip": ("CLIP", {"tooltip": "The base text encoder(s), for LoRAs with text-encoder layers."}),
+        }}
+
+    def resize(self, lora: ResizableLora, recipe, model=None, clip=None):
+        base = base_from_host(model, clip)
+        if recipe.needs_base and base is None:
+            raise LoraError(f"recipe {recipe.text!r} compares with the base model, and no MODEL/CLIP is connected",
+                            file=lora.label, fix="connect the checkpoint's MODEL and CLIP to ResizeLoRA, or use "
+                            "spn_lora/fro_lora/params, rank= or sv_ratio=")
+        device = compute_device(model)
+        progress = progress_callback()
+        items = lora.decomposition(device=device, progress=lambda d, t: progress("decompose", d, t))
+        refs = reference_table(items, [recipe], base, device=device,
+                               cache=norms_cache() if base is not None else None,
+                               progress=lambda d, t: progress("base norms", d, t))
+        result = apply_recipe(items, recipe, refs, template=lora.lora, operation=lora.operation,
+                              sources=lora.sources)
+        resized = ResizableLora(result.lora, lora.sources, f"{lora.label} ({recipe.text})", lora.operation)
+        resized.recipe_text = recipe.text
+        resized.threshold = result.threshold
+        size_before = encoded_size(lora.lora) if lora.lora.layers else 0
+        size_after = encoded_size(result.lora, dtype=None) if result.lora.layers else 0
+        chart = chart_data(result, size_before, size_after)
+        return {"ui": {"lora_resize_chart": [chart]}, "result": (resized, report_text(result, chart))}

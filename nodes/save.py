@@ -1,0 +1,44 @@
+"""SaveLoRA: write into the loras folder, never overwriting, so LoraLoader lists it at once."""
+from __future__ import annotations
+
+import os
+
+from ..core.formats import parse_dtype, write_lora
+from .host import refresh_lora_list, save_folder
+from .lora_type import CATEGORY, LORA_TYPE
+
+
+class SaveLoRA:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    DESCRIPTION = "Saves a LoRA into the loras folder (a counter keeps every earlier file)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": (LORA_TYPE, {"tooltip": "The LoRA to save."}),
+            "filename_prefix": ("STRING", {"default": "resized/lora", "tooltip": "Subfolder/name inside the "
+                                                                                 "loras folder."}),
+            "format": (["kohya", "peft", "comfy"], {"tooltip": "kohya loads everywhere; peft for diffusers; "
+                                                              "comfy is ComfyUI's own naming."}),
+            "dtype": (["fp16", "bf16", "fp32"], {"tooltip": "Precision of the saved factors."}),
+        }}
+
+    def save(self, lora, filename_prefix: str, format: str, dtype: str):
+        folder, stem = save_folder(filename_prefix)
+        os.makedirs(folder, exist_ok=True)
+        counter = 1
+        while True:
+            path = os.path.join(folder, f"{stem}_{counter:05}_.safetensors")
+            if not os.path.exists(path):
+                break
+            counter += 1
+        extra = {"threshold": getattr(lora, "threshold", None)}
+        size = write_lora(lora.lora, path, convention=format, dtype=parse_dtype(dtype), operation=lora.operation,
+                          recipe=getattr(lora, "recipe_text", None), sources=lora.sources, extra_provenance=extra)
+        refresh_lora_list()
+        text = f"{path} ({size / 2**20:.2f} MiB)"
+        return {"ui": {"text": [text]}, "result": (path,)}
