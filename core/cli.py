@@ -82,7 +82,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, handlers = build_parser()
-    if argv and argv[0] not in handlers and not argv[0].startswith("-") and "resize" in handlers:
+    if argv and argv[0] not in handlers and (argv[0] == "-" or not argv[0].startswith("-")):
         argv = ["resize", *argv]
     args = parser.parse_args(argv)
     if not args.command:

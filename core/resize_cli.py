@@ -55,7 +55,7 @@ def _log_scores(scores: Optional[torch.Tensor]) -> None:
     if scores is None or scores.numel() == 0:
         return
     fractions = [0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]
-    quantiles = torch.quantile(items_scores.double(), torch.tensor(fractions, dtype=torch.float64))
+    quantiles = torch.quantile(scores.double(), torch.tensor(fractions, dtype=torch.float64))
     log.info("Score quantiles: " + " ".join(f"{f:.2f}:{float(q):.3f}" for f, q in zip(fractions, quantiles)))
 
 
@@ -86,8 +86,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
         bar = bars.get(stage)
         if bar is None:
             bar = bars[stage] = tqdm(total=total, desc=stage, leave=False, disable=args.quiet)
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)
 
     out_dir = Path(args.output_folder) if args.output_folder else None
     for spec in args.lora_model_paths:

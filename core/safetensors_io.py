@@ -130,6 +130,9 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = F
         raise LoraError("output file already exists", file=str(target),
                         fix="choose another name or ask to overwrite (--overwrite)")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved LoRA is an ordinary file
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
