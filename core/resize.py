@@ -76,7 +76,7 @@ def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base
     if base is None:
         raise LoraError("this recipe compares with the base checkpoint, and none was given",
                         fix="pass the checkpoint (not '-'), or use spn_lora/fro_lora/params or rank=")
-    from .base import reference_norms
+    from .norms import reference_norms
 
     kinds = tuple(k for k, m in (("spectral", "spn_ckpt"), ("frobenius", "fro_ckpt")) if m in needed)
     kinds = kinds or ("frobenius",)

@@ -72,7 +72,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else None
     base = cache = None
     if args.checkpoint != "-":
-        from .base import NormCache, open_base
+        from .base import open_base
+        from .norms_cache import NormCache
 
         base = open_base(args.checkpoint)
         cache = NormCache.for_checkpoint(args.checkpoint)
@@ -112,8 +113,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
                               extra_provenance={"threshold": result.threshold, "notes": result.notes},
                               overwrite=args.overwrite)
             _report(result, path, size, args.verbose)
-    if cache is not None:
-        cache.save()
+        if cache is not None:
+            cache.save()  # after each LoRA: a later failure keeps the norms already computed
     return 0
 
 

@@ -16,6 +16,7 @@ import comfy.utils
 import folder_paths
 
 from ..core.base import StateDictBase
+from ..core.norms_cache import NormCache
 
 
 def lora_path(name: str) -> str:
@@ -98,6 +99,10 @@ def norms_cache_dir() -> str:
     """Beside the checkpoints folder, so caches survive restarts and follow the models."""
     folders = folder_paths.get_folder_paths("checkpoints")
     return folders[0] if folders else folder_paths.models_dir
+
+
+def norms_cache() -> NormCache:
+    return NormCache.in_folder(norms_cache_dir())
 
 
 def lora_folders() -> list[str]:

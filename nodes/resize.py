@@ -77,9 +77,11 @@ class ResizeLoRA:
         device = compute_device(model)
         progress = progress_callback()
         items = lora.decomposition(device=device, progress=lambda d, t: progress("decompose", d, t))
-        refs = reference_table(items, [recipe], base, device=device,
-                               cache=norms_cache() if base is not None else None,
+        cache = norms_cache() if base is not None and recipe.needs_base else None
+        refs = reference_table(items, [recipe], base, device=device, cache=cache,
                                progress=lambda d, t: progress("base norms", d, t))
+        if cache is not None:
+            cache.save()
         result = apply_recipe(items, recipe, refs, template=lora.lora, operation=lora.operation,
                               sources=lora.sources)
         resized = ResizableLora(result.lora, lora.sources, f"{lora.label} ({recipe.text})", lora.operation)

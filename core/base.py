@@ -1,0 +1,228 @@
+"""Base checkpoint weights by canonical layer name, read tensor by tensor.
+
+Single ``.safetensors`` files (SD1.5, SDXL with OpenCLIP bigG, Flux) and diffusers folders. Only the
+tensors a LoRA needs are ever read (``safe_open`` + ``get_slice``), never the whole file. Inside
+ComfyUI, :class:`StateDictBase` wraps the tensors the host already holds.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from collections import defaultdict
+from typing import Iterable, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+
+from . import naming
+from .errors import LoraError
+from .formats.conventions import split_key
+from .safetensors_io import read_header
+
+Offset = Optional[tuple[int, int, int]]
+# (file, key, (row start, row count) or None) for each canonical name; a fused diffusers target
+# has several pieces, concatenated by rows.
+Piece = tuple[str, str, Optional[tuple[int, int]]]
+
+# Single-file key prefixes -> canonical prefixes (SGM checkpoints, ComfyUI's own saves, BFL Flux).
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.diffusion_model.", "diffusion_model."),
+    ("conditioner.embedders.0.transformer.", "clip_l.transformer."),
+    ("cond_stage_model.transformer.", "clip_l.transformer."),
+    ("text_encoders.clip_l.transformer.", "clip_l.transformer."),
+    ("text_encoders.clip_g.transformer.", "clip_g.transformer."),
+)
+_OPENCLIP = re.compile(r"conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.(.+)")
+_OPENCLIP_PARTS = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
+                   "mlp.c_proj.weight": "mlp.fc2"}
+_QKV = ("q_proj", "k_proj", "v_proj")  # OpenCLIP's in_proj rows are q, k, v in this order
+_FLUX_ROOT = re.compile(r"(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.")
+
+
+def _file_fingerprint(path: str) -> str:
+    """Cheap and content-sensitive: size, mtime and the header bytes (names, shapes, offsets)."""
+    stat = os.stat(path)
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        digest = hashlib.sha256(fh.read(min(header_len, 100 << 20))).hexdigest()
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{digest[:32]}"
+
+
+class BaseWeights:
+    """Protocol of base-weight sources: names, shapes and fp32 weights by canonical name."""
+
+    label: str = "<base>"
+    fingerprint: str = ""
+
+    def names(self) -> set[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str, offset: Offset = None) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def weight(self, name: str, offset: Offset = None, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _rows(shape: tuple[int, ...], offset: Offset) -> tuple[int, ...]:
+    return shape if offset is None else (offset[2], *shape[1:])
+
+
+class SafetensorsBase(BaseWeights):
+    """One or more safetensors files, indexed by canonical name when opened; read lazily."""
+
+    def __init__(self, pieces: Mapping[str, list[Piece]], shapes: Mapping[tuple[str, str], tuple[int, ...]],
+                 label: str, fingerprint: str):
+        self.pieces = dict(pieces)
+        self._shapes = dict(shapes)
+        self.label = label
+        self.fingerprint = fingerprint
+        self._handles: dict[str, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self.pieces)
+
+    def _pieces(self, name: str) -> list[Piece]:
+        try:
+            return self.pieces[name]
+        except KeyError:
+            raise LoraError("the base checkpoint has no such weight", file=self.label, layer=name,
+                            fix="use the checkpoint this LoRA was made for") from None
+
+    def shape(self, name: str, offset: Offset = None) -> tuple[int, ...]:
+        pieces = self._pieces(name)
+        first = self._shapes[(pieces[0][0], pieces[0][1])]
+        rows = sum(r[1] if r else self._shapes[(f, k)][0] for f, k, r in pieces)
+        return _rows((rows, *first[1:]), offset)
+
+    def _handle(self, path: str):
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt", device="cpu")
+        return self._handles[path]
+
+    def weight(self, name: str, offset: Offset = None, device=None) -> torch.Tensor:
+        parts = []
+        for path, key, rows in self._pieces(name):
+            sliced = self._handle(path).get_slice(key)
+            parts.append(sliced[rows[0]:rows[0] + rows[1]] if rows else sliced[:])
+        weight = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if offset is not None:
+            weight = weight[offset[1]:offset[1] + offset[2]]
+        return weight.to(device=device, dtype=torch.float32)
+
+
+class StateDictBase(BaseWeights):
+    """Tensors already in memory (ComfyUI's loaded MODEL/CLIP), keyed by canonical name."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], fingerprint: str, label: str = "<loaded model>"):
+        self.weights = dict(weights)
+        self.fingerprint = fingerprint
+        self.label = label
+
+    def names(self) -> set[str]:
+        return set(self.weights)
+
+    def shape(self, name: str, offset: Offset = None) -> tuple[int, ...]:
+        return _rows(tuple(self.weights[name].shape), offset)
+
+    def weight(self, name: str, offset: Offset = None, device=None) -> torch.Tensor:
+        weight = self.weights[name]
+        if offset is not None:
+            weight = weight[offset[1]:offset[1] + offset[2]]
+        return weight.to(device=device if device is not None else weight.device, dtype=torch.float32)
+
+
+def _single_file_name(key: str) -> list[tuple[str, Optional[tuple[int, int]]]]:
+    """Canonical names (with OpenCLIP row pieces) a checkpoint key provides; [] if none."""
+    if not key.endswith(".weight") and not key.endswith("in_proj_weight"):
+        return []
+    m = _OPENCLIP.fullmatch(key)
+    if m:
+        layer, rest = m.groups()
+        root = f"clip_g.transformer.text_model.encoder.layers.{layer}."
+        if rest == "attn.in_proj_weight":
+            return [(root + f"self_attn.{proj}", (i, None)) for i, proj in enumerate(_QKV)]
+        return [(root + _OPENCLIP_PARTS[rest], None)] if rest in _OPENCLIP_PARTS else []
+    stem = key[: -len(".weight")]
+    for prefix, canonical in _PREFIXES:
+        if stem.startswith(prefix):
+            return [(canonical + stem[len(prefix):], None)]
+    if _FLUX_ROOT.match(stem):
+        return [("diffusion_model." + stem, None)]
+    return []
+
+
+def _looks_like_lora(keys: Iterable[str]) -> bool:
+    """Any key holding a LoRA factor (up/down, LoHa, LoKr): base checkpoints have none."""
+    return any((parts := split_key(k)) is not None and parts[1] in ("lora", "loha", "lokr") for k in keys)
+
+
+def _open_file(path: str) -> SafetensorsBase:
+    header, _ = read_header(path)
+    if _looks_like_lora(header):
+        raise LoraError("this is a LoRA, not a base checkpoint", file=path,
+                        fix="give the base model (e.g. sd_xl_base_1.0.safetensors) as CHECKPOINT")
+    pieces: dict[str, list[Piece]] = {}
+    shapes = {}
+    for key, info in header.items():
+        shape = tuple(info["shape"])
+        if len(shape) < 2:
+            continue
+        for name, qkv in _single_file_name(key):
+            shapes[(path, key)] = shape
+            rows = None
+            if qkv is not None:
+                third = shape[0] // 3
+                rows = (qkv[0] * third, third)
+            pieces[name] = [(path, key, rows)]
+    if not pieces:
+        raise LoraError("no model weights recognised in this checkpoint", file=path,
+                        fix="give an SD1.5, SDXL or Flux checkpoint in .safetensors format or a diffusers folder")
+    return SafetensorsBase(pieces, shapes, path, _file_fingerprint(path))
+
+
+_DIFFUSERS_PARTS = {"unet": "unet.", "transformer": "transformer.", "text_encoder": "text_encoder.",
+                    "text_encoder_2": "text_encoder_2."}
+
+
+def _open_folder(path: str) -> SafetensorsBase:
+    files: dict[str, list[str]] = {}
+    for sub in _DIFFUSERS_PARTS:
+        found = sorted(glob.glob(os.path.join(path, sub, "*.safetensors")))
+        plain = [f for f in found if ".fp16." not in os.path.basename(f)]
+        if found:
+            files[sub] = plain or found
+    if not files:
+        raise LoraError("not a diffusers folder (no unet/, transformer/ or text_encoder/ safetensors)", file=path,
+                        fix="give a single .safetensors checkpoint or a diffusers model folder")
+    arch = "flux" if "transformer" in files else "sdxl" if "text_encoder_2" in files else "sd15"
+    pieces: dict[str, list[tuple[Piece, tuple[int, int] | None]]] = defaultdict(list)
+    shapes = {}
+    fingerprints = []
+    for sub, paths in files.items():
+        for file in paths:
+            header, _ = read_header(file)
+            fingerprints.append(_file_fingerprint(file))
+            for key, info in header.items():
+                if not key.endswith(".weight") or len(info["shape"]) < 2:
+                    continue
+                target = naming.to_canonical(_DIFFUSERS_PARTS[sub] + key[: -len(".weight")], arch)
+                if target is None:
+                    continue
+                shapes[(file, key)] = tuple(info["shape"])
+                pieces[target.name].append(((file, key, None), target.part))
+    ordered = {name: [p for p, _ in sorted(items, key=lambda item: item[1][0] if item[1] else 0)]
+               for name, items in pieces.items()}
+    fingerprint = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:32]
+    return SafetensorsBase(ordered, shapes, path, fingerprint)
+
+
+def open_base(path: str) -> SafetensorsBase:
+    """A base checkpoint: a single .safetensors file or a diffusers folder."""
+    if os.path.isdir(path):
+        return _open_folder(path)
+    if not os.path.exists(path):
+        raise LoraError("checkpoint not found", file=path, fix="check the path")
+    return _open_file(path)

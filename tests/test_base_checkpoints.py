@@ -1,0 +1,128 @@
+"""Base checkpoints by canonical name: SGM, SD1.5, OpenCLIP q/k/v order, Flux, diffusers folders."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core.base import StateDictBase, open_base
+from core.errors import LoraError
+from core.norms import frobenius_norm, spectral_norm
+
+
+def _sdxl_file(path, d=8):
+    g = torch.Generator().manual_seed(0)
+    in_proj = torch.cat([torch.full((d, d), 1.0), torch.full((d, d), 2.0), torch.full((d, d), 3.0)])
+    tensors = {
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": torch.randn(16, 16, generator=g),
+        "model.diffusion_model.input_blocks.4.0.in_layers.2.weight": torch.randn(16, 8, 3, 3, generator=g),
+        "model.diffusion_model.input_blocks.4.0.in_layers.2.bias": torch.randn(16, generator=g),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": torch.randn(32, 8, generator=g),
+        "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight": in_proj.half(),
+        "conditioner.embedders.1.model.transformer.resblocks.3.attn.out_proj.weight": torch.randn(d, d, generator=g),
+        "conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_fc.weight": torch.randn(4 * d, d, generator=g),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(4, 4, 3, 3, generator=g),
+    }
+    save_file(tensors, str(path))
+    return tensors
+
+
+def test_sdxl_single_file_names_and_openclip_qkv_order(tmp_path):
+    path = tmp_path / "sdxl.safetensors"
+    tensors = _sdxl_file(path)
+    base = open_base(str(path))
+    root = "clip_g.transformer.text_model.encoder.layers.3."
+    assert {root + "self_attn.q_proj", root + "self_attn.k_proj", root + "self_attn.v_proj",
+            root + "self_attn.out_proj", root + "mlp.fc1",
+            "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+            "diffusion_model.input_blocks.4.0.in_layers.2",
+            "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"} == base.names()
+    # q, k, v are rows 0:d, d:2d, 2d:3d of in_proj (the seed tool pairs them as k, q, v)
+    assert float(base.weight(root + "self_attn.q_proj").mean()) == 1.0
+    assert float(base.weight(root + "self_attn.k_proj").mean()) == 2.0
+    assert float(base.weight(root + "self_attn.v_proj").mean()) == 3.0
+    assert base.weight(root + "self_attn.q_proj").dtype == torch.float32
+    conv = base.weight("diffusion_model.input_blocks.4.0.in_layers.2")
+    assert torch.equal(conv, tensors["model.diffusion_model.input_blocks.4.0.in_layers.2.weight"])
+    sliced = base.weight("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q", (0, 4, 8))
+    assert torch.equal(sliced, tensors["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"][4:12])
+    assert base.shape("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q", (0, 4, 8)) == (8, 16)
+
+
+def test_sd15_and_flux_files(tmp_path):
+    sd15 = tmp_path / "sd15.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": torch.ones(4, 4),
+               "model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.ones(4, 4, 1, 1)}, str(sd15))
+    assert open_base(str(sd15)).names() == {"clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+                                             "diffusion_model.input_blocks.1.1.proj_in"}
+    flux = tmp_path / "flux.safetensors"
+    qkv = torch.arange(12.0).repeat_interleave(4).reshape(12, 4)
+    save_file({"double_blocks.0.img_attn.qkv.weight": qkv, "single_blocks.0.linear1.weight": torch.ones(28, 4)},
+              str(flux))
+    base = open_base(str(flux))
+    assert base.names() == {"diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1"}
+    k_rows = base.weight("diffusion_model.double_blocks.0.img_attn.qkv", (0, 4, 4))
+    assert torch.equal(k_rows, qkv[4:8])
+
+
+def test_diffusers_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "text_encoder").mkdir()
+    save_file({"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": torch.ones(4, 4),
+               "up_blocks.1.resnets.0.conv1.weight": torch.ones(4, 4, 3, 3)},
+              str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.ones(8, 4)},
+              str(tmp_path / "text_encoder" / "model.safetensors"))
+    base = open_base(str(tmp_path))
+    assert base.names() == {"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+                            "diffusion_model.output_blocks.3.0.in_layers.2",
+                            "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1"}
+
+
+def test_flux_diffusers_folder_assembles_fused_qkv(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.full((4, 4), 1.0),
+               "transformer_blocks.0.attn.to_k.weight": torch.full((4, 4), 2.0),
+               "transformer_blocks.0.attn.to_v.weight": torch.full((4, 4), 3.0)},
+              str(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = open_base(str(tmp_path))
+    qkv = base.weight("diffusion_model.double_blocks.0.img_attn.qkv")
+    assert qkv.shape == (12, 4)
+    assert [float(qkv[i * 4:(i + 1) * 4].mean()) for i in range(3)] == [1.0, 2.0, 3.0]
+
+
+def test_wrong_inputs(tmp_path):
+    lora = os.path.join(os.path.dirname(__file__), "fixtures", "lora", "sd15_kohya_locon_r4a2_c2a1.safetensors")
+    with pytest.raises(LoraError, match="this is a LoRA, not a base checkpoint"):
+        open_base(lora)
+    with pytest.raises(LoraError, match="not found"):
+        open_base(str(tmp_path / "missing.safetensors"))
+    pickled = tmp_path / "model.ckpt"
+    torch.save({"a": torch.zeros(1)}, pickled)
+    with pytest.raises(LoraError, match="pickle"):
+        open_base(str(pickled))
+
+
+@pytest.mark.parametrize("shape, decay", [((640, 640), 0.9), ((1280, 5120), 0.97), ((320, 2880), 0.99),
+                                          ((300, 200), 1.0)])
+def test_spectral_norm_matches_full_svd(shape, decay):
+    g = torch.Generator().manual_seed(1)
+    n, m = shape
+    k = min(n, m)
+    u, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+    s = torch.tensor([decay ** i for i in range(k)])
+    s[1] = s[0] * 0.999  # near-degenerate top pair
+    w = ((u * s) @ v.T + 0.001 * torch.randn(n, m, generator=g)).half()
+    exact = float(torch.linalg.matrix_norm(w.float(), ord=2))
+    assert abs(spectral_norm(w) - exact) / exact <= 1e-3
+    assert abs(frobenius_norm(w) - float(w.float().norm())) <= 1e-6 * float(w.float().norm())
+
+
+def test_conv_weights_are_flattened_and_state_dict_base():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 16, 3, 3, generator=g)
+    assert abs(spectral_norm(w) - float(torch.linalg.matrix_norm(w.flatten(1), 2))) < 1e-3 * spectral_norm(w)
+    base = StateDictBase({"x": w}, fingerprint="f")
+    assert base.shape("x", (0, 8, 8)) == (8, 16, 3, 3)
+    assert torch.equal(base.weight("x", (0, 8, 8)), w[8:16])

@@ -1,0 +1,86 @@
+"""The norms cache: hits, invalidation on checkpoint change, corruption, read-only folders, two writers."""
+import json
+import multiprocessing
+import os
+import time
+
+import torch
+from safetensors.torch import save_file
+
+from core.base import open_base
+from core.norms import reference_norms
+from core.norms_cache import CACHE_NAME, NormCache
+
+
+def _checkpoint(path, value=1.0):
+    save_file({"model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.full((8, 8), value),
+               "model.diffusion_model.out.2.weight": torch.eye(8) * value}, str(path))
+
+
+def test_hits_skip_work_and_a_changed_checkpoint_misses(tmp_path, monkeypatch):
+    ckpt = tmp_path / "model.safetensors"
+    _checkpoint(ckpt)
+    base = open_base(str(ckpt))
+    targets = [("diffusion_model.input_blocks.1.1.proj_in", None), ("diffusion_model.out.2", None)]
+    cache = NormCache.for_checkpoint(str(ckpt))
+    first = reference_norms(base, targets, cache=cache)
+    assert abs(first[targets[0]]["spectral"] - 8.0) < 1e-4 and abs(first[targets[1]]["frobenius"] - 8 ** 0.5) < 1e-5
+    cache.save()
+    assert (tmp_path / CACHE_NAME).exists()
+
+    calls = []
+    import core.norms as norms
+
+    monkeypatch.setattr(norms, "spectral_norm", lambda w, **k: calls.append(w) or 0.0)
+    again = reference_norms(open_base(str(ckpt)), targets, cache=NormCache.for_checkpoint(str(ckpt)))
+    assert calls == [] and again == first
+
+    time.sleep(0.01)
+    _checkpoint(ckpt, value=2.0)  # the checkpoint changes: new fingerprint, recomputed
+    changed = open_base(str(ckpt))
+    assert changed.fingerprint != base.fingerprint
+    reference_norms(changed, targets, cache=NormCache.for_checkpoint(str(ckpt)))
+    assert len(calls) == 2
+
+
+def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, caplog):
+    (tmp_path / CACHE_NAME).write_text("{not json")
+    cache = NormCache.in_folder(str(tmp_path))
+    assert cache.get("fp", "x") is None
+    assert "unreadable" in caplog.text
+    cache.put("fp", "x", {"spectral": 1.5})
+    cache.save()
+    assert json.loads((tmp_path / CACHE_NAME).read_text()) == {"fp": {"x": {"spectral": 1.5}}}
+
+
+def test_unwritable_folder_falls_back_to_user_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = NormCache.in_folder(str(blocker / "models"))  # a folder under a file can never be created
+    assert cache.path == str(tmp_path / "xdg" / "comfyui-lora-resize" / CACHE_NAME)
+    cache.put("fp", "a", {"frobenius": 2.0})
+    cache.save()
+    assert os.path.exists(cache.path)
+
+
+def _writer(folder, tag, count):
+    cache = NormCache.in_folder(folder)
+    for i in range(count):
+        cache.put("fp", f"{tag}{i}", {"spectral": float(i)})
+        if i % 20 == 19:
+            cache.save()
+            time.sleep(0.001)
+    cache.save()
+
+
+def test_two_concurrent_writer_processes_lose_nothing(tmp_path):
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_writer, args=(str(tmp_path), tag, 200)) for tag in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    data = json.loads((tmp_path / CACHE_NAME).read_text())
+    assert len(data["fp"]) == 400
