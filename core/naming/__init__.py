@@ -51,7 +51,7 @@ def _by_arch(table: Mapping[str, str], arch: str) -> str:
 
 def _encoder_target(encoder: str, path: str) -> Optional[Target]:
     if encoder == "t5xxl":
-        return Target(f"t5xxl.transformer.{path}") if path.startswith("encoder.") else None
+        return Target(f"t5xxl.transformer.{path}") if path.startswith("encoder.") or path == "shared" else None
     if path.startswith("encoder.") or path == "final_layer_norm":
         path = f"text_model.{path}"  # transformers 5 / PEFT without the text_model wrapper
     if path.startswith("text_model.") or path == "text_projection":
@@ -64,8 +64,11 @@ def _unet_target(path: str, arch: str) -> Optional[Target]:
     path = path.replace(".processor.", ".")
     if re.search(r"\.to_out$", path):  # old attention processors name to_out.0 "to_out"
         path += ".0"
-    if path.startswith(unet_sd.SGM_ROOTS) or path.startswith(flux.BFL_ROOTS):
+    if path.startswith(unet_sd.SGM_ROOTS):
         return Target(f"diffusion_model.{path}")
+    if path.startswith(flux.BFL_ROOTS):
+        name, part = flux.bfl_slice(path)
+        return Target(f"diffusion_model.{name}", part)
     if path.startswith(flux.DIFFUSERS_ROOTS) and (arch == "flux" or not path.startswith("proj_out")):
         mapped = flux.to_bfl(path)
         return Target(f"diffusion_model.{mapped[0]}", mapped[1]) if mapped else None

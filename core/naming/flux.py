@@ -34,10 +34,24 @@ BASIC = {
     "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
     "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "controlnet_x_embedder": "pos_embed_input",
 }
 BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
-             "final_layer.")
+             "final_layer.", "pos_embed_input")
 DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.") + tuple(BASIC)
+
+
+# BFL-style names of row slices (ComfyUI's key map: single_blocks.N.linear1_qkv = q, k, v rows of linear1)
+BFL_SLICES = {"linear1_qkv": ("linear1", (0, 3))}
+
+
+def bfl_slice(name: str) -> tuple[str, Part]:
+    """A BFL path, resolving slice aliases such as ``single_blocks.0.linear1_qkv``."""
+    head, _, last = name.rpartition(".")
+    if last in BFL_SLICES:
+        base, part = BFL_SLICES[last]
+        return f"{head}.{base}", part
+    return name, None
 
 
 def to_bfl(name: str) -> Optional[tuple[str, Part]]:

@@ -1,0 +1,95 @@
+"""Files we write load in the real host with zero unloaded keys, and its adapters give our ΔW."""
+import logging
+import os
+
+import pytest
+import torch
+
+from core.delta import delta_weight
+from core.formats import read_lora, write_lora
+from tests.conftest import FIXTURES
+
+LORA_DIR = os.path.join(FIXTURES, "lora")
+FILES = sorted(f for f in os.listdir(LORA_DIR) if f.endswith(".safetensors"))
+
+
+def _host_load(comfy_models, arch, path):
+    """(patch dict, unloaded keys) from comfy.lora.load_lora with the host model's key map."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.utils
+
+    host = comfy_models[arch]()
+    state = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(str(path), safe_load=True))
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger().addHandler(handler)
+    try:
+        patches = comfy.lora.load_lora(state, host.key_map)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    unloaded = [m.split(": ", 1)[1] for m in records if m.startswith("lora key not loaded")]
+    return patches, unloaded
+
+
+def _host_delta(adapter, shape):
+    """ΔW the host's weight adapter adds to a zero weight of ``shape`` (fp32, strength 1)."""
+    weight = torch.zeros(shape, dtype=torch.float32)
+    if isinstance(adapter, tuple):  # ("diff", (tensor,))
+        return adapter[1][0].float().reshape(shape)
+    return adapter.calculate_weight(weight, "key", 1.0, 1.0, None, lambda a: a, torch.float32)
+
+
+@pytest.mark.parametrize("convention", ["kohya", "comfy", "peft"])
+@pytest.mark.parametrize("name", FILES)
+def test_written_file_loads_in_host_with_same_delta(comfy, name, convention, tmp_path):
+    source = read_lora(os.path.join(LORA_DIR, name))
+    if convention == "peft" and source.architecture != "flux":
+        pytest.skip("ComfyUI 0.3.64 does not map diffusers/PEFT attention keys of SD1.5/SDXL (see README)")
+    out = tmp_path / f"{convention}.safetensors"
+    write_lora(source, out, convention=convention)
+    written = read_lora(out, arch=source.architecture)
+    patches, unloaded = _host_load(comfy, source.architecture, out)
+    assert unloaded == []
+    assert len(patches) >= len({(l.name, l.offset) for l in written}) - 0
+    by_target = {}
+    for key, adapter in patches.items():
+        model_key, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
+        # a row slice is identified by start/length: the host model's widths differ from the fixture's
+        by_target[(model_key[: -len(".weight")] if model_key.endswith(".weight") else model_key,
+                   offset[1] / offset[2] if offset else None)] = adapter
+    compared = 0
+    for layer in written:
+        if layer.dora_scale is not None:
+            continue  # the host's DoRA result depends on the base weight: compared in the next test
+        offset = layer.offset[1] / layer.offset[2] if layer.offset else None
+        adapter = by_target[(layer.name, offset)]
+        ours = delta_weight(layer)
+        theirs = _host_delta(adapter, layer.shape)
+        scale = float(ours.norm()) or 1.0
+        assert float((theirs - ours).norm()) / scale < 1e-5, layer.name
+        compared += 1
+    assert compared == sum(1 for l in written if l.dora_scale is None)
+
+
+@pytest.mark.parametrize("name", ["sd15_lycoris_locon_dora_r4a2.safetensors"])
+def test_dora_written_file_matches_host_on_the_original(comfy, name, tmp_path):
+    """The host applies our rewritten DoRA file exactly as it applies the producer's file."""
+    out = tmp_path / "dora.safetensors"
+    source = read_lora(os.path.join(LORA_DIR, name))
+    write_lora(source, out, convention="kohya", dtype=torch.float32)
+    original, _ = _host_load(comfy, "sd15", os.path.join(LORA_DIR, name))
+    rewritten, unloaded = _host_load(comfy, "sd15", out)
+    assert unloaded == [] and original.keys() == rewritten.keys()
+    g = torch.Generator().manual_seed(0)
+    for key in list(original)[:12]:
+        layer = next(l for l in source if f"{l.name}.weight" == key)
+        base = torch.randn(layer.shape, generator=g)
+        a = original[key].calculate_weight(base.clone(), key, 1.0, 1.0, None, lambda x: x, torch.float32)
+        b = rewritten[key].calculate_weight(base.clone(), key, 1.0, 1.0, None, lambda x: x, torch.float32)
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), key
