@@ -39,6 +39,18 @@ class ResizeResult:
         return math.sqrt(dropped / total) if total else 0.0
 
 
+_THRESHOLD_PLACEHOLDER = "+000.0000"  # as long as any threshold written by provenance_extra (|thr| < 1000)
+
+
+def _threshold_text(threshold: Optional[float]) -> Optional[str]:
+    return None if threshold is None else f"{threshold:+.4f}"
+
+
+def provenance_extra(result: "ResizeResult") -> dict:
+    """What a resized file records beyond the recipe: the threshold used and the notes."""
+    return {"threshold": _threshold_text(result.threshold), "notes": list(result.notes)}
+
+
 def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0) -> Optional[Layer]:
     """Plain LoRA/LoCon layer of the kept singular values, or None when nothing is kept."""
     kept = int(mask.sum())
@@ -109,12 +121,27 @@ def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base
     return table
 
 
+def _dora_notes(template: LoraFile, has_base: bool) -> list[str]:
+    dora = [layer for layer in template if layer.dora_scale is not None]
+    if not dora:
+        return []
+    return [f"{len(dora)} DoRA layers: magnitudes kept as they were"
+            + ("" if has_base else " (no base given, so the DoRA output was not checked)")]
+
+
 def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str, References], *,
                  template: LoraFile, convention: str = "kohya", dtype: Optional[torch.dtype] = torch.float16,
-                 operation: str = "resize", sources=()) -> ResizeResult:
-    """One recipe on decomposed layers: select, rebuild, report."""
+                 operation: str = "resize", sources=(), has_base: bool = False) -> ResizeResult:
+    """One recipe on decomposed layers: select, rebuild, report.
+
+    ``size=`` measures candidate files with exactly the metadata the writer will add
+    (``provenance_extra``), so the file written with that metadata never exceeds the target.
+    """
+    notes = _dora_notes(template, has_base)
     if recipe.method == "randproj":
-        return _random_projection(items, recipe, template)
+        result = _random_projection(items, recipe, template)
+        result.notes[:0] = notes
+        return result
     bytes_per_element = torch.empty(0, dtype=dtype or torch.float16).element_size()
 
     def measure(masks: Mapping[str, torch.Tensor]) -> int:
@@ -126,11 +153,13 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
         if not layers:
             return 0
         draft = _derived(template, layers)
+        extra = {"threshold": _THRESHOLD_PLACEHOLDER, "notes": notes}
         return encoded_size(draft, convention=convention, dtype=dtype, operation=operation, recipe=recipe.text,
-                            sources=sources)
+                            sources=sources, extra_provenance=extra)
 
     selection = select(list(items), recipe, refs, measure=measure, bytes_per_element=bytes_per_element)
     result = _result(items, recipe, refs, selection, template)
+    result.notes[:0] = notes
     if recipe.scored and items:
         result.scores = torch.cat([score(item, recipe, refs.get(item.key)) for item in items])
     return result
@@ -246,13 +275,9 @@ def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None,
     results = []
     for recipe in recipes:
         results.append(apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
-                                    sources=sources))
-        notes = results[-1].notes
-        dora = [l for l in lora if l.dora_scale is not None]
-        if dora:
-            notes.append(f"{len(dora)} DoRA layers: magnitudes kept as they were"
-                         + ("" if base is not None else " (no base given, so the DoRA output was not checked)"))
+                                    sources=sources, has_base=base is not None))
     return results
 
 
-__all__ = ["resize", "apply_recipe", "rebuild_layer", "reference_table", "ResizeResult", "score"]
+__all__ = ["resize", "apply_recipe", "rebuild_layer", "reference_table", "provenance_extra", "ResizeResult",
+           "score"]

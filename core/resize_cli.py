@@ -65,7 +65,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     from .formats import read_lora, write_lora
     from .merge import merge
     from .metadata import file_sha256
-    from .resize import resize
+    from .resize import provenance_extra, resize
 
     recipes = parse_recipes(args.score_recipes)
     dtype = _DTYPES[args.output_dtype]
@@ -110,7 +110,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
             path = folder / output_name(stem, result.recipe, result.threshold)
             size = write_lora(result.lora, path, convention=args.format, dtype=dtype, operation=operation,
                               recipe=result.recipe.text, sources=sources,
-                              extra_provenance={"threshold": result.threshold, "notes": result.notes},
+                              extra_provenance=provenance_extra(result),
                               overwrite=args.overwrite)
             _report(result, path, size, args.verbose)
         if cache is not None:

@@ -231,6 +231,11 @@ def fuse_slices(name: str, group: list[Layer], arch: str) -> Layer:
         for layer in group:
             if layer.bias_diff is not None:
                 bias[layer.offset[1]:layer.offset[1] + layer.offset[2]] = layer.bias_diff.float()
+    if any(t.is_meta for layer in group for t in layer.factors.values()):  # shapes only (size accounting)
+        rank = sum(layer.rank for layer in group)
+        factors = {"up": torch.empty(height, rank, device="meta"), "down": torch.empty(rank, *shape[1:], device="meta")}
+        return Layer(name=name, kind="lora", factors=factors, shape=shape, alpha=float(rank), bias_diff=bias,
+                     source_key=first.source_key)
     if all(layer.kind == "lora" and "mid" not in layer.factors for layer in group):
         rank = sum(layer.rank for layer in group)
         up = torch.zeros(height, rank, *first.factors["up"].shape[2:], dtype=torch.float32)
