@@ -1,7 +1,7 @@
 """Base checkpoint weights by canonical layer name, read tensor by tensor.
 
 Single ``.safetensors`` files (SD1.5, SDXL with OpenCLIP bigG, Flux) and diffusers folders. Only the
-tensors a LoRA needs are ever read (``safe_open`` + ``get_slice``), never the whole file. Inside
+tensors a LoRA needs are ever read (by offset, with pread: no mmap), never the whole file. Inside
 ComfyUI, :class:`StateDictBase` wraps the tensors the host already holds.
 """
 from __future__ import annotations
@@ -14,12 +14,11 @@ from collections import defaultdict
 from typing import Iterable, Mapping, Optional
 
 import torch
-from safetensors import safe_open
 
 from . import naming
 from .errors import LoraError
 from .formats.conventions import split_key
-from .safetensors_io import read_header
+from .safetensors_io import data_start, read_header, read_rows
 
 Offset = Optional[tuple[int, int, int]]
 # (file, key, (row start, row count) or None) for each canonical name; a fused diffusers target
@@ -73,13 +72,13 @@ def _rows(shape: tuple[int, ...], offset: Offset) -> tuple[int, ...]:
 class SafetensorsBase(BaseWeights):
     """One or more safetensors files, indexed by canonical name when opened; read lazily."""
 
-    def __init__(self, pieces: Mapping[str, list[Piece]], shapes: Mapping[tuple[str, str], tuple[int, ...]],
+    def __init__(self, pieces: Mapping[str, list[Piece]], entries: Mapping[tuple[str, str], dict],
                  label: str, fingerprint: str):
         self.pieces = dict(pieces)
-        self._shapes = dict(shapes)
+        self._entries = dict(entries)  # (file, key) -> header entry
         self.label = label
         self.fingerprint = fingerprint
-        self._handles: dict[str, object] = {}
+        self._starts: dict[str, int] = {}
 
     def names(self) -> set[str]:
         return set(self.pieces)
@@ -93,23 +92,31 @@ class SafetensorsBase(BaseWeights):
 
     def shape(self, name: str, offset: Offset = None) -> tuple[int, ...]:
         pieces = self._pieces(name)
-        first = self._shapes[(pieces[0][0], pieces[0][1])]
-        rows = sum(r[1] if r else self._shapes[(f, k)][0] for f, k, r in pieces)
+        first = self._entries[(pieces[0][0], pieces[0][1])]["shape"]
+        rows = sum(r[1] if r else self._entries[(f, k)]["shape"][0] for f, k, r in pieces)
         return _rows((rows, *first[1:]), offset)
 
-    def _handle(self, path: str):
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt", device="cpu")
-        return self._handles[path]
-
     def weight(self, name: str, offset: Offset = None, device=None) -> torch.Tensor:
+        """fp32 weight (rows sliced by ``offset``), reading only those rows from disk."""
         parts = []
+        skip = offset[1] if offset else 0
+        want = offset[2] if offset else None
         for path, key, rows in self._pieces(name):
-            sliced = self._handle(path).get_slice(key)
-            parts.append(sliced[rows[0]:rows[0] + rows[1]] if rows else sliced[:])
+            if path not in self._starts:
+                self._starts[path] = data_start(path)
+            entry = self._entries[(path, key)]
+            first, count = rows if rows else (0, entry["shape"][0])
+            if skip >= count:  # the slice starts after this piece
+                skip -= count
+                continue
+            take = count - skip if want is None else min(count - skip, want)
+            parts.append(read_rows(path, entry, self._starts[path], (first + skip, take)))
+            skip = 0
+            if want is not None:
+                want -= take
+                if want == 0:
+                    break
         weight = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if offset is not None:
-            weight = weight[offset[1]:offset[1] + offset[2]]
         return weight.to(device=device, dtype=torch.float32)
 
 
@@ -165,13 +172,13 @@ def _open_file(path: str) -> SafetensorsBase:
         raise LoraError("this is a LoRA, not a base checkpoint", file=path,
                         fix="give the base model (e.g. sd_xl_base_1.0.safetensors) as CHECKPOINT")
     pieces: dict[str, list[Piece]] = {}
-    shapes = {}
+    entries = {}
     for key, info in header.items():
         shape = tuple(info["shape"])
         if len(shape) < 2:
             continue
         for name, qkv in _single_file_name(key):
-            shapes[(path, key)] = shape
+            entries[(path, key)] = info
             rows = None
             if qkv is not None:
                 third = shape[0] // 3
@@ -180,7 +187,7 @@ def _open_file(path: str) -> SafetensorsBase:
     if not pieces:
         raise LoraError("no model weights recognised in this checkpoint", file=path,
                         fix="give an SD1.5, SDXL or Flux checkpoint in .safetensors format or a diffusers folder")
-    return SafetensorsBase(pieces, shapes, path, _file_fingerprint(path))
+    return SafetensorsBase(pieces, entries, path, _file_fingerprint(path))
 
 
 _DIFFUSERS_PARTS = {"unet": "unet.", "transformer": "transformer.", "text_encoder": "text_encoder.",
@@ -199,7 +206,7 @@ def _open_folder(path: str) -> SafetensorsBase:
                         fix="give a single .safetensors checkpoint or a diffusers model folder")
     arch = "flux" if "transformer" in files else "sdxl" if "text_encoder_2" in files else "sd15"
     pieces: dict[str, list[tuple[Piece, tuple[int, int] | None]]] = defaultdict(list)
-    shapes = {}
+    entries = {}
     fingerprints = []
     for sub, paths in files.items():
         for file in paths:
@@ -211,12 +218,12 @@ def _open_folder(path: str) -> SafetensorsBase:
                 target = naming.to_canonical(_DIFFUSERS_PARTS[sub] + key[: -len(".weight")], arch)
                 if target is None:
                     continue
-                shapes[(file, key)] = tuple(info["shape"])
+                entries[(file, key)] = info
                 pieces[target.name].append(((file, key, None), target.part))
     ordered = {name: [p for p, _ in sorted(items, key=lambda item: item[1][0] if item[1] else 0)]
                for name, items in pieces.items()}
     fingerprint = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:32]
-    return SafetensorsBase(ordered, shapes, path, fingerprint)
+    return SafetensorsBase(ordered, entries, path, fingerprint)
 
 
 def open_base(path: str) -> SafetensorsBase:

@@ -62,13 +62,28 @@ def _is_dense(layer: Layer) -> bool:
     return layer.rank > min(layer.out_features, layer.in_features) / 2
 
 
+def _orthonormal_basis(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched thin QR, X = Q R, by CholeskyQR2: two passes of (Gram, Cholesky, multiply by the
+    small inverse), all GEMM-bound, several times faster than Householder on CPU. Falls back to
+    Householder QR for a batch whose Gram matrix is singular (e.g. a zero column)."""
+    q, r = factors, None
+    eye = torch.eye(factors.shape[-1], dtype=factors.dtype, device=factors.device)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q, upper=True)
+        if bool(info.any()):
+            return torch.linalg.qr(factors)
+        q = q @ torch.linalg.solve_triangular(chol, eye, upper=True)
+        r = chol if r is None else chol @ r
+    return q, r
+
+
 def _factored_batch(layers: list[Layer], device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     ups = torch.stack([l.factors["up"].to(device=device, dtype=torch.float32).flatten(1) for l in layers])
     downs = torch.stack([effective_down(l).to(device) for l in layers])
     scales = torch.tensor([l.scale for l in layers], dtype=torch.float32, device=device)
-    q_b, r_b = torch.linalg.qr(ups)  # [b, n, p], [b, p, r]
-    q_a, r_a = torch.linalg.qr(downs.transpose(1, 2))  # [b, m, q], [b, q, r]
-    core = r_b @ r_a.transpose(1, 2) * scales[:, None, None]  # [b, p, q]
+    q_b, r_b = _orthonormal_basis(ups)  # [b, n, r], [b, r, r]
+    q_a, r_a = _orthonormal_basis(downs.transpose(1, 2))  # [b, m, r], [b, r, r]
+    core = r_b @ r_a.transpose(1, 2) * scales[:, None, None]  # [b, r, r]
     p, s, vh = torch.linalg.svd(core, full_matrices=False)
     U = q_b @ p
     Vh = vh @ q_a.transpose(1, 2)

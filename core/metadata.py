@@ -21,18 +21,27 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sd_scripts_hashes(serialized_with_ss_metadata: bytes) -> tuple[str, str]:
+def sd_scripts_hashes(tensors, ss_metadata: Mapping[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) as sd-scripts' precalculate_safetensors_hashes computes them.
 
     Both are taken over the file as it would be written with only the ``ss_*`` metadata: the model
     hash is the sha256 of everything after the header, the legacy hash the first 8 hex digits of
-    the sha256 of the 64 KiB at offset 1 MiB.
+    the sha256 of the 64 KiB at offset 1 MiB. Computed from the tensors without serializing them.
     """
-    data = serialized_with_ss_metadata
-    header_len = int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
-    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    return model_hash, legacy_hash
+    from .safetensors_io import data_chunks, header_size
+
+    window_start = 0x100000 - header_size(tensors, ss_metadata)
+    window_end = window_start + 0x10000
+    model, legacy = hashlib.sha256(), hashlib.sha256()
+    position = 0
+    for chunk in data_chunks(tensors):
+        model.update(chunk)
+        size = len(chunk)
+        low, high = max(window_start, position), min(window_end, position + size)
+        if low < high:
+            legacy.update(memoryview(chunk)[low - position:high - position])
+        position += size
+    return model.hexdigest(), legacy.hexdigest()[:8]
 
 
 def kept_metadata(source: Mapping[str, str]) -> dict[str, str]:

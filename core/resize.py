@@ -56,9 +56,12 @@ def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0) ->
     kept = int(mask.sum())
     if kept == 0:
         return None
-    root = torch.sqrt(item.S[mask] * rescale)
-    up = item.U[:, mask] * root
-    down = (root[:, None] * item.Vh[mask]).reshape(kept, *item.in_shape)
+    prefix = bool(mask[:kept].all())  # the usual case: the kept values are the largest ones
+    U, S, Vh = (item.U[:, :kept], item.S[:kept], item.Vh[:kept]) if prefix else \
+        (item.U[:, mask], item.S[mask], item.Vh[mask])
+    root = torch.sqrt(S * rescale)
+    up = U * root
+    down = (root[:, None] * Vh).reshape(kept, *item.in_shape)
     if item.layer.is_conv:
         up = up.reshape(*up.shape, 1, 1)
     source = item.layer

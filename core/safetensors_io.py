@@ -91,6 +91,39 @@ def load_tensors(path: str | os.PathLike, keys: Optional[Iterable[str]] = None) 
         return {k: fh.get_tensor(k) for k in wanted}
 
 
+_ST_TO_TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+def data_start(path: str | os.PathLike) -> int:
+    """Byte offset where a (validated) safetensors file's tensor data begins."""
+    with open(path, "rb") as fh:
+        return 8 + struct.unpack("<Q", fh.read(8))[0]
+
+
+def read_rows(path: str, info: Mapping, start: int, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """One tensor (or a block of its rows) read into a private buffer, not mmapped: reading a 6 GB
+    checkpoint layer by layer keeps only the current layer in memory."""
+    shape = list(info["shape"])
+    dtype = info["dtype"]
+    row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[dtype]
+    first, count = rows if rows is not None else (0, shape[0])
+    offset = start + info["data_offsets"][0] + first * row_bytes
+    buffer = bytearray(count * row_bytes)
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            got = fh.readinto(view[done:])
+            if not got:
+                raise LoraError("file ended while reading a tensor", file=path, fix="the file is truncated")
+            done += got
+    if not buffer:
+        return torch.empty([count, *shape[1:]], dtype=_ST_TO_TORCH[dtype])
+    return torch.frombuffer(buffer, dtype=_ST_TO_TORCH[dtype]).reshape(count, *shape[1:])
+
+
 def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     """The exact bytes a safetensors file of these tensors would hold."""
     return _st_save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata))
@@ -104,18 +137,40 @@ _TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F3
                 torch.bool: "BOOL"}
 
 
-def safetensors_size(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> int:
-    """Exact size of the file ``serialize`` would produce for tensors of these dtypes and shapes."""
-    entries = sorted(((_TORCH_TO_ST[dtype], shape, key) for key, (dtype, shape) in specs.items()),
-                     key=lambda e: (-_DTYPE_ORDER.index(e[0]), e[2]))
+def _ordered(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...], str]]:
+    entries = [(_TORCH_TO_ST[dtype], tuple(shape), key) for key, (dtype, shape) in specs.items()]
+    return sorted(entries, key=lambda e: (-_DTYPE_ORDER.index(e[0]), e[2]))
+
+
+def _header_and_data_size(specs, metadata) -> tuple[int, int]:
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    for dtype, shape, key in entries:
+    for dtype, shape, key in _ordered(specs):
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text_len = len(json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-    return 8 + text_len + (-text_len) % 8 + offset
+    return 8 + text_len + (-text_len) % 8, offset
+
+
+def safetensors_size(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> int:
+    """Exact size of the file ``serialize`` would produce for tensors of these dtypes and shapes."""
+    header, data = _header_and_data_size(specs, metadata)
+    return header + data
+
+
+def data_chunks(tensors: Mapping[str, torch.Tensor]):
+    """The data section of a serialized file, tensor by tensor in safetensors' order, without copying."""
+    by_key = {key: tensor for key, tensor in tensors.items()}
+    specs = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}
+    for _, _, key in _ordered(specs):
+        tensor = by_key[key].detach().cpu().contiguous()
+        yield tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+
+
+def header_size(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
+    """Bytes before the data section (8-byte length + padded JSON) of a serialization."""
+    return _header_and_data_size({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)[0]
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = False) -> None:

@@ -154,3 +154,20 @@ def test_metadata_kept_updated_and_hashed(tmp_path):
         main(["-", src, "-o", str(tmp_path), "-r", "rank=2", "--bogus"])
     assert main(["-", src, "-o", str(tmp_path), "-r", "rank=2", "-q"]) == 1  # never overwrites
     assert os.listdir(tmp_path) == [out]
+
+
+def test_sd_scripts_hashes_match_a_real_serialization():
+    """Our streamed hashes equal hashes of the bytes sd-scripts would hash (ss_* metadata only)."""
+    import hashlib
+
+    from core.metadata import sd_scripts_hashes
+    from core.safetensors_io import serialize
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.lora_up.weight": torch.randn(700, 300, generator=g).half(),
+               "a.alpha": torch.tensor(3.0), "b.lora_down.weight": torch.randn(300, 900, generator=g).bfloat16()}
+    meta = {"ss_network_dim": "300", "ss_note": "é" * 50}
+    data = serialize(tensors, meta)
+    header = int.from_bytes(data[:8], "little")
+    assert sd_scripts_hashes(tensors, meta) == (hashlib.sha256(data[8 + header:]).hexdigest(),
+                                                hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8])

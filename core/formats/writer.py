@@ -82,7 +82,7 @@ def encode_lora(lora: LoraFile, *, convention: str = "kohya", dtype: Optional[to
     tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
                                           extra_provenance, label)
     ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sd_scripts_hashes(serialize(tensors, ss_only))
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sd_scripts_hashes(tensors, ss_only)
     return serialize(tensors, meta)
 
 
