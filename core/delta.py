@@ -28,7 +28,7 @@ def _lora_product(f: dict, device) -> torch.Tensor:
 
 def _tucker_half(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     # LyCORIS CP/Tucker: t [r, r, kh, kw], wa [r, out], wb [r, in] -> [out, in, kh, kw]
-    return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
+    return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa).contiguous()
 
 
 def _loha_product(f: dict, device) -> torch.Tensor:

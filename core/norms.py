@@ -1,7 +1,7 @@
 """Reference norms of base weights: spectral (iterative, 1e-3 relative) and Frobenius (exact), cached.
 
-The spectral norm uses block subspace iteration with a Rayleigh–Ritz step: a handful of GEMMs with
-a thin block instead of a full SVD, stopping when the top Ritz value settles. The cache keeps
+The spectral norm uses Lanczos bidiagonalization: a handful of matrix-vector products per layer
+instead of a full SVD, stopping when the top Ritz value settles. The cache keeps
 results per checkpoint fingerprint across runs (``core.norms_cache``).
 """
 from __future__ import annotations
@@ -13,32 +13,55 @@ import torch
 from .base import BaseWeights, Offset
 from .norms_cache import NormCache, layer_cache_key
 
-_BLOCK = 8
-_MAX_ITER = 40
+_MAX_STEPS = 40
 
 
 def spectral_norm(weight: torch.Tensor, rtol: float = 1e-3, seed: int = 0) -> float:
     """Largest singular value of ``weight`` (convs flattened) in fp32, within ``rtol`` relative.
 
-    Block subspace iteration on the thin side; the Ritz value rises monotonically towards σ_max.
-    It stops once two successive steps change it by less than rtol/1000; a spectrum too flat to
-    settle in _MAX_ITER steps falls back to the exact SVD, so the answer is never a silent guess.
+    Golub–Kahan–Lanczos bidiagonalization with full reorthogonalization: two matrix-vector
+    products a step, and the top Ritz value converges in a handful of steps on trained weights
+    (far faster than power iteration, whose rate is (σ₂/σ₁)²). It stops once the Ritz value moves
+    by less than rtol/100 between steps; a spectrum that does not settle in _MAX_STEPS falls back
+    to the exact SVD, so the answer is never a silent guess.
     """
     w = weight.to(torch.float32).flatten(1)
-    if w.shape[0] < w.shape[1]:
-        w = w.T  # w is [n, m] with n >= m
-    m = w.shape[1]
-    if m <= 4 * _BLOCK:
+    n, m = w.shape
+    if min(n, m) <= 8:
         return float(torch.linalg.matrix_norm(w, ord=2))
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    v, _ = torch.linalg.qr(torch.randn(m, _BLOCK, generator=generator).to(w.device))
+    v = torch.randn(m, generator=generator).to(w.device)
+    vs = [v / v.norm()]
+    us: list[torch.Tensor] = []
+    alphas: list[float] = []
+    betas: list[float] = []
     history: list[float] = []
-    for _ in range(_MAX_ITER):
-        u, _ = torch.linalg.qr(w @ v)  # [n, b]
-        z = w.T @ u  # [m, b]: the singular values of zᵀ = uᵀ W are Ritz values
-        history.append(float(torch.linalg.svdvals(z)[0]))
-        v, _ = torch.linalg.qr(z)
-        if len(history) >= 3 and all(abs(history[-1] - h) <= rtol * 1e-3 * history[-1] for h in history[-3:-1]):
+    for _ in range(min(_MAX_STEPS, min(n, m) - 1)):
+        u = w @ vs[-1]
+        if us:
+            u -= betas[-1] * us[-1]
+            basis = torch.stack(us, dim=1)
+            u -= basis @ (basis.T @ u)
+        alpha = float(u.norm())
+        if alpha == 0.0:
+            break
+        us.append(u / alpha)
+        alphas.append(alpha)
+        v = w.T @ us[-1] - alpha * vs[-1]
+        basis = torch.stack(vs, dim=1)
+        v -= basis @ (basis.T @ v)
+        beta = float(v.norm())
+        bidiagonal = torch.zeros(len(alphas), len(alphas) + 1, dtype=torch.float64)
+        steps = torch.arange(len(alphas))
+        bidiagonal[steps, steps] = torch.tensor(alphas, dtype=torch.float64)
+        bidiagonal[steps, steps + 1] = torch.tensor(betas + [beta], dtype=torch.float64)
+        history.append(float(torch.linalg.svdvals(bidiagonal)[0]))
+        betas.append(beta)
+        if beta <= 1e-12 * history[-1]:
+            return history[-1]  # an invariant subspace: the Ritz value is exact
+        vs.append(v / beta)
+        if len(history) >= 3 and abs(history[-1] - history[-2]) <= rtol * 1e-2 * history[-1] \
+                and abs(history[-2] - history[-3]) <= rtol * 1e-1 * history[-1]:
             return history[-1]
     return float(torch.linalg.matrix_norm(w, ord=2))
 

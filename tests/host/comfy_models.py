@@ -56,8 +56,20 @@ _SMALL_T5 = {"d_ff": 64, "d_kv": 8, "d_model": 32, "dense_act_fn": "gelu_pytorch
              "relative_attention_num_buckets": 32, "vocab_size": 32128, "pad_token_id": 0, "eos_token_id": 1}
 
 
+def _seeded(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """ComfyUI builds layers uninitialised (torch.empty): give every parameter seeded values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            fan_in = param[0].numel() if param.dim() > 1 else 1
+            param.copy_(torch.randn(param.shape, generator=g) / fan_in ** 0.5)
+    return module
+
+
 def _patcher(module):
     import comfy.model_patcher
+
+    _seeded(module, 0)
 
     return comfy.model_patcher.ModelPatcher(module, load_device=torch.device("cpu"),
                                             offload_device=torch.device("cpu"))

@@ -4,7 +4,7 @@ from tests.host.comfy_models import comfyui_path
 
 
 @pytest.fixture(scope="session")
-def comfy():
+def comfy_hosts():
     """Skips (with the reason shown in the summary) when no ComfyUI checkout is available."""
     if comfyui_path() is None:
         pytest.skip("ComfyUI host not found: set COMFYUI_PATH to a ComfyUI checkout (or install the pack "

@@ -47,14 +47,14 @@ def _host_delta(adapter, shape):
 
 @pytest.mark.parametrize("convention", ["kohya", "comfy", "peft"])
 @pytest.mark.parametrize("name", FILES)
-def test_written_file_loads_in_host_with_same_delta(comfy, name, convention, tmp_path):
+def test_written_file_loads_in_host_with_same_delta(comfy_hosts, name, convention, tmp_path):
     source = read_lora(os.path.join(LORA_DIR, name))
     if convention == "peft" and source.architecture != "flux":
         pytest.skip("ComfyUI 0.3.64 does not map diffusers/PEFT attention keys of SD1.5/SDXL (see README)")
     out = tmp_path / f"{convention}.safetensors"
     write_lora(source, out, convention=convention)
     written = read_lora(out, arch=source.architecture)
-    patches, unloaded = _host_load(comfy, source.architecture, out)
+    patches, unloaded = _host_load(comfy_hosts, source.architecture, out)
     assert unloaded == []
     assert len(patches) >= len({(l.name, l.offset) for l in written}) - 0
     by_target = {}
@@ -78,13 +78,13 @@ def test_written_file_loads_in_host_with_same_delta(comfy, name, convention, tmp
 
 
 @pytest.mark.parametrize("name", ["sd15_lycoris_locon_dora_r4a2.safetensors"])
-def test_dora_written_file_matches_host_on_the_original(comfy, name, tmp_path):
+def test_dora_written_file_matches_host_on_the_original(comfy_hosts, name, tmp_path):
     """The host applies our rewritten DoRA file exactly as it applies the producer's file."""
     out = tmp_path / "dora.safetensors"
     source = read_lora(os.path.join(LORA_DIR, name))
     write_lora(source, out, convention="kohya", dtype=torch.float32)
-    original, _ = _host_load(comfy, "sd15", os.path.join(LORA_DIR, name))
-    rewritten, unloaded = _host_load(comfy, "sd15", out)
+    original, _ = _host_load(comfy_hosts, "sd15", os.path.join(LORA_DIR, name))
+    rewritten, unloaded = _host_load(comfy_hosts, "sd15", out)
     assert unloaded == [] and original.keys() == rewritten.keys()
     g = torch.Generator().manual_seed(0)
     for key in list(original)[:12]:

@@ -31,8 +31,8 @@ def _target(value):
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15", "flux"])
-def test_every_host_key_maps_to_the_same_weight(comfy, arch):
-    host = comfy[arch]()
+def test_every_host_key_maps_to_the_same_weight(comfy_hosts, arch):
+    host = comfy_hosts[arch]()
     checked = 0
     for key, value in host.key_map.items():
         model_key, offset = _target(value)
@@ -55,8 +55,8 @@ def test_every_host_key_maps_to_the_same_weight(comfy, arch):
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15", "flux"])
 @pytest.mark.parametrize("convention", ["kohya", "peft", "comfy"])
-def test_names_we_write_are_loaded_by_the_host(comfy, arch, convention):
-    host = comfy[arch]()
+def test_names_we_write_are_loaded_by_the_host(comfy_hosts, arch, convention):
+    host = comfy_hosts[arch]()
     existing = {k for k, v in host.model.model.state_dict().items() if v.dim() >= 2}
     existing |= {k for k, v in host.clip.cond_stage_model.state_dict().items() if v.dim() >= 2}
     targets = {}
