@@ -86,6 +86,13 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
                     metadata=dict(metadata), path=path, unknown_keys=sorted(unknown))
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One reduction instead of an elementwise mask: a NaN or Inf anywhere makes the sum non-finite
+    (fp16/bf16 sums in fp32 and fp32 in fp64 cannot overflow for any sane factor)."""
+    wide = torch.float64 if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=wide)))
+
+
 def layer_key(layer: Layer) -> str:
     """Unique key of a layer inside a LoraFile: its name, plus the row slice when it has one."""
     if layer.offset is None:
@@ -110,7 +117,7 @@ def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor
         if not tensor.is_floating_point():
             raise LoraError(f"factor {role} has dtype {tensor.dtype}, not a float", file=label, layer=prefix,
                             fix="the file is corrupt; re-export it")
-        if not bool(torch.isfinite(tensor).all()):
+        if not _all_finite(tensor):
             raise LoraError(f"factor {role} holds NaN or Inf values", file=label, layer=prefix,
                             fix="the training diverged; use an earlier checkpoint of this LoRA")
     shape = layer_shape(kind, factors, target.name, arch, prefix=prefix, label=label)

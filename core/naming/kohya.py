@@ -33,22 +33,27 @@ ATOMS: tuple[str, ...] = (
 
 
 @lru_cache(maxsize=None)
-def _atoms_by_length() -> tuple[tuple[tuple[str, ...], str], ...]:
-    atoms = sorted(ATOMS, key=lambda a: -a.count("_"))
-    return tuple((tuple(a.split("_")), a) for a in atoms)
+def _atoms_by_first_word() -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Atoms as word tuples, grouped by their first word, longest first."""
+    table: dict[str, list[tuple[str, ...]]] = {}
+    for atom in ATOMS:
+        words = tuple(atom.split("_"))
+        table.setdefault(words[0], []).append(words)
+    return {first: tuple(sorted(group, key=len, reverse=True)) for first, group in table.items()}
 
 
 @lru_cache(maxsize=65536)
 def dotted(underscored: str) -> str:
     """``input_blocks_4_1_transformer_blocks_0_attn1_to_q`` -> ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``."""
     tokens = underscored.split("_")
+    table = _atoms_by_first_word()
     out: list[str] = []
     i = 0
     while i < len(tokens):
-        for parts, atom in _atoms_by_length():
-            if tuple(tokens[i:i + len(parts)]) == parts:
-                out.append(atom)
-                i += len(parts)
+        for words in table.get(tokens[i], ()):
+            if tuple(tokens[i:i + len(words)]) == words:
+                out.append("_".join(words))
+                i += len(words)
                 break
         else:
             out.append(tokens[i])
