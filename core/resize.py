@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -51,8 +51,11 @@ def provenance_extra(result: "ResizeResult") -> dict:
     return {"threshold": _threshold_text(result.threshold), "notes": list(result.notes)}
 
 
-def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0) -> Optional[Layer]:
-    """Plain LoRA/LoCon layer of the kept singular values, or None when nothing is kept."""
+def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0,
+                  dtype: Optional[torch.dtype] = None) -> Optional[Layer]:
+    """Plain LoRA/LoCon layer of the kept singular values, or None when nothing is kept.
+
+    ``dtype`` stores the factors directly at the output precision (no full-size fp32 copy)."""
     kept = int(mask.sum())
     if kept == 0:
         return None
@@ -64,6 +67,8 @@ def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0) ->
     down = (root[:, None] * Vh).reshape(kept, *item.in_shape)
     if item.layer.is_conv:
         up = up.reshape(*up.shape, 1, 1)
+    if dtype is not None:
+        up, down = up.to(dtype), down.to(dtype)
     source = item.layer
     return Layer(name=source.name, kind="lora", factors={"up": up.contiguous(), "down": down.contiguous()},
                  shape=source.shape, alpha=float(kept), offset=source.offset, dora_scale=source.dora_scale,
@@ -134,8 +139,12 @@ def _dora_notes(template: LoraFile, has_base: bool) -> list[str]:
 
 def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str, References], *,
                  template: LoraFile, convention: str = "kohya", dtype: Optional[torch.dtype] = torch.float16,
-                 operation: str = "resize", sources=(), has_base: bool = False) -> ResizeResult:
+                 operation: str = "resize", sources=(), has_base: bool = False,
+                 store_dtype: bool = True) -> ResizeResult:
     """One recipe on decomposed layers: select, rebuild, report.
+
+    ``dtype`` is the precision the file will be written at (it decides ``size=``); with
+    ``store_dtype`` the rebuilt factors are kept at it, else in fp32 (ComfyUI: saved later).
 
     ``size=`` measures candidate files with exactly the metadata the writer will add
     (``provenance_extra``), so the file written with that metadata never exceeds the target.
@@ -161,7 +170,7 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
                             sources=sources, extra_provenance=extra)
 
     selection = select(list(items), recipe, refs, measure=measure, bytes_per_element=bytes_per_element)
-    result = _result(items, recipe, refs, selection, template)
+    result = _result(items, recipe, refs, selection, template, dtype if store_dtype else None)
     result.notes[:0] = notes
     if recipe.scored and items:
         result.scores = torch.cat([score(item, recipe, refs.get(item.key)) for item in items])
@@ -172,12 +181,13 @@ def _derived(template: LoraFile, layers: dict[str, Layer]) -> LoraFile:
     return LoraFile(layers, template.architecture, template.family, dict(template.metadata), None, [])
 
 
-def _result(items, recipe: Recipe, refs, selection: Selection, template: LoraFile) -> ResizeResult:
+def _result(items, recipe: Recipe, refs, selection: Selection, template: LoraFile,
+            dtype: Optional[torch.dtype] = None) -> ResizeResult:
     layers: dict[str, Layer] = {}
     rows = []
     for item in items:
         mask = selection.masks[item.key]
-        rebuilt = rebuild_layer(item, mask, recipe.rescale)
+        rebuilt = rebuild_layer(item, mask, recipe.rescale, dtype)
         if rebuilt is not None:
             layers[item.key] = rebuilt
         rows.append(_report_row(item, mask, recipe, refs.get(item.key)))
@@ -262,8 +272,11 @@ def _projection_error(up: torch.Tensor, down: torch.Tensor, R: torch.Tensor) -> 
 
 def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None, cache=None,
            convention: str = "kohya", dtype: Optional[torch.dtype] = torch.float16, sources=(),
-           progress: Optional[Callable[[str, int, int], None]] = None) -> list[ResizeResult]:
-    """Every recipe on one LoRA, sharing one decomposition and one set of base references."""
+           progress: Optional[Callable[[str, int, int], None]] = None) -> Iterator[ResizeResult]:
+    """Every recipe on one LoRA, sharing one decomposition and one set of base references.
+
+    A generator: each result can be written and dropped before the next recipe runs, so memory
+    holds one resized LoRA at a time."""
     def stage(name):
         return (lambda done, total: progress(name, done, total)) if progress else None
 
@@ -275,11 +288,9 @@ def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None,
         dense_rank = None
     items = decompose(lora, device=device, dense_rank=dense_rank, niter=niter, progress=stage("decompose"))
     refs = reference_table(items, recipes, base, device=device, cache=cache, progress=stage("base norms"))
-    results = []
     for recipe in recipes:
-        results.append(apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
-                                    sources=sources, has_base=base is not None))
-    return results
+        yield apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
+                           sources=sources, has_base=base is not None)
 
 
 __all__ = ["resize", "apply_recipe", "rebuild_layer", "reference_table", "provenance_extra", "ResizeResult",

@@ -103,10 +103,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
         stem = _merge_name(members)
         results = resize(lora, recipes, base=base, device=device, cache=cache, convention=args.format,
                          dtype=dtype, sources=sources, progress=progress)
-        for bar in bars.values():
-            bar.close()
-        bars.clear()
         for result in results:
+            for bar in bars.values():
+                bar.close()
+            bars.clear()
             path = folder / output_name(stem, result.recipe, result.threshold)
             size = write_lora(result.lora, path, convention=args.format, dtype=dtype, operation=operation,
                               recipe=result.recipe.text, sources=sources,
