@@ -8,7 +8,6 @@ Reducers: ``method=svd|rsvd|randproj`` with ``niter=``, ``sparse=``, ``seed=``. 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 

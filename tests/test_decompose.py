@@ -1,11 +1,10 @@
 """Decomposition without forming B·A: exact keep-all, Eckart–Young truncation, batching, dense kinds."""
-import math
 
 import pytest
 import torch
 
 from core.decompose import decompose
-from core.model import Layer, LoraFile
+from core.model import Layer
 from core.resize import rebuild_layer
 from tests.helpers import dense_delta, lora_layer, synthetic_lora
 

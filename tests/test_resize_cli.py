@@ -10,7 +10,6 @@ from safetensors import safe_open
 from core.cli import main
 from core.delta import delta_weight
 from core.formats import read_lora
-from core.merge import merge
 from core.resize_cli import parse_lora_spec
 from tests.conftest import FIXTURES
 
