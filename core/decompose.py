@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .delta import delta_weight
+from .delta import delta_weight, effective_down
 from .formats.reader import layer_key
 from .model import Layer, LoraFile
 
@@ -44,16 +44,6 @@ class Decomposed:
     def params_per_rank(self) -> int:
         """Elements one kept singular value costs in a plain LoRA: a column of up plus a row of down."""
         return self.layer.out_features + self.layer.in_features
-
-
-def effective_down(layer: Layer) -> torch.Tensor:
-    """A as [r, in·kh·kw] in fp32; a Tucker ``lora_mid`` is folded in (exact)."""
-    down = layer.factors["down"].to(torch.float32)
-    if "mid" not in layer.factors:
-        return down.flatten(1)
-    mid = layer.factors["mid"].to(torch.float32)
-    # ΔW[i, j, k, l] = Σ up[i, m] mid[m, n, k, l] down[n, j]  ->  A_eff[m, j, k, l]
-    return torch.einsum("m n k l, n j -> m j k l", mid, down.flatten(1)).flatten(1)
 
 
 def _is_dense(layer: Layer) -> bool:

@@ -16,6 +16,16 @@ def _f32(t: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
     return t.to(device=device, dtype=torch.float32)
 
 
+def effective_down(layer: Layer) -> torch.Tensor:
+    """A as [r, in·kh·kw] in fp32; a Tucker ``lora_mid`` is folded in (exact)."""
+    down = layer.factors["down"].to(torch.float32)
+    if "mid" not in layer.factors:
+        return down.flatten(1)
+    mid = layer.factors["mid"].to(torch.float32)
+    # ΔW[i, j, k, l] = Σ up[i, m] mid[m, n, k, l] down[n, j]  ->  A_eff[m, j, k, l]
+    return torch.einsum("m n k l, n j -> m j k l", mid, down.flatten(1)).flatten(1)
+
+
 def _lora_product(f: dict, device) -> torch.Tensor:
     up = _f32(f["up"], device).flatten(1)
     down = _f32(f["down"], device)

@@ -13,8 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .decompose import effective_down
-from .delta import delta_weight
+from .delta import delta_weight, effective_down
 from .errors import LoraError
 from .formats.reader import layer_key
 from .formats.writer import fuse_slices

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from .decompose import Decomposed, decompose, effective_down
+from .decompose import Decomposed, decompose
+from .delta import effective_down
 from .errors import LoraError
 from .formats.writer import encoded_size
 from .model import Layer, LoraFile

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from .. import naming
-from ..delta import delta_weight
+from ..delta import delta_weight, effective_down
 from ..errors import LoraError
 from ..metadata import output_metadata, sd_scripts_hashes
 from ..model import Layer, LoraFile
@@ -45,6 +45,10 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: Optional[tor
     peft_ranks: dict[str, dict[str, int]] = defaultdict(dict)
     for layer, prefix in layers:
         factors = dict(layer.factors)
+        if "mid" in factors and ("lora", "mid") not in conv.write:
+            # no Tucker core in this format: fold it into down (exact), a plain LoCon of the same rank
+            factors["down"] = effective_down(layer).reshape(layer.rank, *layer.shape[1:])
+            del factors["mid"]
         if not conv.alpha_in_tensor and layer.kind == "lora" and layer.scale != 1.0:
             factors["up"] = factors["up"].to(torch.float32) * layer.scale  # PEFT: bake the scale in
         for role, tensor in factors.items():
