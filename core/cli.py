@@ -21,6 +21,7 @@ log = logging.getLogger("lora_resize")
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    log.setLevel(level)  # also when the host (or pytest) configured logging first
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

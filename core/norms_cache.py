@@ -109,6 +109,9 @@ class NormCache:
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
                     json.dump(current, fh)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # shared by every user of the model folder
                 os.replace(tmp, self.path)
             finally:
                 if os.path.exists(tmp):
