@@ -111,10 +111,22 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     with open(args.out, "w") as fh:
         json.dump({"lora_mib": os.path.getsize(r64) / 2**20, "results": results}, fh, indent=1)
+    by_name = {r["scenario"]: r for r in results}
+    ratios = []
+    for ours_name, theirs_name in (("warm fro_ckpt=1,thr=-3.5 r64", "elias warm fro_ckpt=1,thr=-3.5 r64"),
+                                   ("cold fro_ckpt=1,thr=-3.5 r64", "elias cold fro_ckpt=1,thr=-3.5 r64"),
+                                   (f"cold spn_ckpt=1,size={size_target} r64",
+                                    f"elias cold spn_ckpt=1,size={size_target} r64"),
+                                   ("sv_ratio=2 r64 (no base)", "kohya sv_ratio=2 r64")):
+        if ours_name in by_name and theirs_name in by_name:
+            ratio = by_name[theirs_name]["wall_s"] / by_name[ours_name]["wall_s"]
+            ratios.append(f"{theirs_name} / ours: {ratio:.2f}x")
     print("| scenario | median wall s | peak RSS MiB | runs | ok |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['scenario']} | {r['wall_s']:.2f} | {r['rss_mib']:.0f} | "
               f"{', '.join(f'{x:.2f}' for x in r['runs'])} | {'yes' if r['ok'] else 'FAILED'} |")
+    for line in ratios:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from .decompose import Decomposed, decompose
-from .delta import effective_down
+from .delta import delta_weight, dora_weight_norm, effective_down
 from .errors import LoraError
 from .formats.writer import encoded_size
 from .model import Layer, LoraFile
@@ -134,14 +134,34 @@ def _dora_notes(template: LoraFile, has_base: bool) -> list[str]:
     dora = [layer for layer in template if layer.dora_scale is not None]
     if not dora:
         return []
-    return [f"{len(dora)} DoRA layers: magnitudes kept as they were"
-            + ("" if has_base else " (no base given, so the DoRA output was not checked)")]
+    if has_base:
+        return [f"{len(dora)} DoRA layers: magnitudes refitted to the resized directions on the base"]
+    return [f"{len(dora)} DoRA layers: magnitudes kept as they were (no base given to refit them)"]
+
+
+def refit_dora(source: Layer, resized: Layer, base_weight: torch.Tensor) -> torch.Tensor:
+    """DoRA magnitude for the resized delta, closest to the original DoRA weight.
+
+    DoRA applies W' = m · d with d = (W + ΔW) / ‖W + ΔW‖ per output row (or input column). With the
+    new direction d' the best magnitude in least squares, row by row, is m' = m · ⟨d, d'⟩.
+    """
+    weight = base_weight.to(torch.float32)
+    old = weight + delta_weight(source, weight.device)
+    new = weight + delta_weight(resized, weight.device)
+    magnitude = source.dora_scale.to(torch.float32)
+    product = old * new
+    if magnitude.shape[0] == weight.shape[0]:
+        dots = product.reshape(product.shape[0], -1).sum(1)
+    else:
+        dots = product.transpose(0, 1).reshape(product.shape[1], -1).sum(1)
+    norms = (dora_weight_norm(old, magnitude) * dora_weight_norm(new, magnitude)).clamp_min(1e-30)
+    cosine = dots.reshape(norms.shape) / norms
+    return (magnitude.reshape(norms.shape) * cosine).reshape(source.dora_scale.shape).to(source.dora_scale.dtype)
 
 
 def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str, References], *,
                  template: LoraFile, convention: str = "kohya", dtype: Optional[torch.dtype] = torch.float16,
-                 operation: str = "resize", sources=(), has_base: bool = False,
-                 store_dtype: bool = True) -> ResizeResult:
+                 operation: str = "resize", sources=(), base=None, store_dtype: bool = True) -> ResizeResult:
     """One recipe on decomposed layers: select, rebuild, report.
 
     ``dtype`` is the precision the file will be written at (it decides ``size=``); with
@@ -150,7 +170,7 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
     ``size=`` measures candidate files with exactly the metadata the writer will add
     (``provenance_extra``), so the file written with that metadata never exceeds the target.
     """
-    notes = _dora_notes(template, has_base)
+    notes = _dora_notes(template, base is not None)
     if recipe.method == "randproj":
         result = _random_projection(items, recipe, template)
         result.notes[:0] = notes
@@ -173,6 +193,12 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
     selection = select(list(items), recipe, refs, measure=measure, bytes_per_element=bytes_per_element)
     result = _result(items, recipe, refs, selection, template, dtype if store_dtype else None)
     result.notes[:0] = notes
+    if base is not None:
+        for item in items:
+            layer = result.lora.layers.get(item.key)
+            if layer is not None and layer.dora_scale is not None and layer.name in base.names():
+                weight = base.weight(layer.name, layer.offset)
+                layer.dora_scale = refit_dora(item.layer, layer, weight)
     if recipe.scored and items:
         result.scores = torch.cat([score(item, recipe, refs.get(item.key)) for item in items])
     return result
@@ -291,7 +317,7 @@ def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None,
     refs = reference_table(items, recipes, base, device=device, cache=cache, progress=stage("base norms"))
     for recipe in recipes:
         yield apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
-                           sources=sources, has_base=base is not None)
+                           sources=sources, base=base)
 
 
 __all__ = ["resize", "apply_recipe", "rebuild_layer", "reference_table", "provenance_extra", "ResizeResult",

@@ -83,7 +83,7 @@ class ResizeLoRA:
         if cache is not None:
             cache.save()
         result = apply_recipe(items, recipe, refs, template=lora.lora, operation=lora.operation,
-                              sources=lora.sources, store_dtype=False)  # fp32 until SaveLoRA picks a dtype
+                              sources=lora.sources, base=base, store_dtype=False)  # fp32 until SaveLoRA picks a dtype
         resized = ResizableLora(result.lora, lora.sources, f"{lora.label} ({recipe.text})", lora.operation)
         resized.recipe_text = recipe.text
         resized.threshold = result.threshold
