@@ -24,17 +24,45 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass
 class Decomposed:
-    """A layer as ΔW = U · diag(S) · Vh (fp32, S descending, the layer's scale and sign folded in)."""
+    """A layer as ΔW = U · diag(S) · Vh (fp32, S descending, the layer's scale and sign folded in).
+
+    For factored layers U and Vh are not stored: U = B · M and Vh = N · A with the small r×r
+    matrices M, N, computed from the layer's own factors only for the directions a recipe keeps.
+    That keeps memory at the size of the LoRA itself and skips work for dropped directions.
+    """
 
     key: str
     layer: Layer
-    U: torch.Tensor  # [out, k]
     S: torch.Tensor  # [k]
-    Vh: torch.Tensor  # [k, in_features]
+    dense_U: Optional[torch.Tensor] = None  # [out, k], dense kinds only
+    dense_Vh: Optional[torch.Tensor] = None  # [k, in_features], dense kinds only
+    M: Optional[torch.Tensor] = None  # [r, k]: U = B_flat @ M
+    N: Optional[torch.Tensor] = None  # [k, r]: Vh = N @ A_eff
 
     @property
     def rank(self) -> int:
         return int(self.S.shape[0])
+
+    def left(self, keep=slice(None)) -> torch.Tensor:
+        """Columns ``keep`` of U, fp32."""
+        if self.dense_U is not None:
+            return self.dense_U[:, keep]
+        up = self.layer.factors["up"].to(torch.float32).flatten(1)
+        return up @ self.M[:, keep]
+
+    def right(self, keep=slice(None)) -> torch.Tensor:
+        """Rows ``keep`` of Vh, fp32."""
+        if self.dense_Vh is not None:
+            return self.dense_Vh[keep]
+        return self.N[keep] @ effective_down(self.layer)
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.left()
+
+    @property
+    def Vh(self) -> torch.Tensor:
+        return self.right()
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -52,32 +80,38 @@ def _is_dense(layer: Layer) -> bool:
     return layer.rank > min(layer.out_features, layer.in_features) / 2
 
 
-def _orthonormal_basis(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched thin QR, X = Q R, by CholeskyQR2: two passes of (Gram, Cholesky, multiply by the
-    small inverse), all GEMM-bound, several times faster than Householder on CPU. Falls back to
-    Householder QR for a batch whose Gram matrix is singular (e.g. a zero column)."""
+def _triangular_factor(factors: torch.Tensor) -> Optional[torch.Tensor]:
+    """R of the thin QR X = Q R (batched), by CholeskyQR2: two passes of Gram + Cholesky, all
+    GEMM-bound. None when a Gram matrix is singular (a zero or repeated column)."""
     q, r = factors, None
     eye = torch.eye(factors.shape[-1], dtype=factors.dtype, device=factors.device)
     for _ in range(2):
         chol, info = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q, upper=True)
         if bool(info.any()):
-            return torch.linalg.qr(factors)
+            return None
         q = q @ torch.linalg.solve_triangular(chol, eye, upper=True)
         r = chol if r is None else chol @ r
-    return q, r
+    return r
 
 
-def _factored_batch(layers: list[Layer], device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _factored_batch(layers: list[Layer], device) -> list[tuple]:
+    """Per layer (S, M, N) with U = B·M and Vh = N·A, or (S, U, Vh) when a factor is rank-deficient."""
     ups = torch.stack([l.factors["up"].to(device=device, dtype=torch.float32).flatten(1) for l in layers])
     downs = torch.stack([effective_down(l).to(device) for l in layers])
     scales = torch.tensor([l.scale for l in layers], dtype=torch.float32, device=device)
-    q_b, r_b = _orthonormal_basis(ups)  # [b, n, r], [b, r, r]
-    q_a, r_a = _orthonormal_basis(downs.transpose(1, 2))  # [b, m, r], [b, r, r]
-    core = r_b @ r_a.transpose(1, 2) * scales[:, None, None]  # [b, r, r]
-    p, s, vh = torch.linalg.svd(core, full_matrices=False)
-    U = q_b @ p
-    Vh = vh @ q_a.transpose(1, 2)
-    return [(U[i].cpu(), s[i].cpu(), Vh[i].cpu()) for i in range(len(layers))]
+    r_b = _triangular_factor(ups)  # B = Q_b R_b
+    r_a = _triangular_factor(downs.transpose(1, 2))  # Aᵀ = Q_a R_a
+    if r_b is None or r_a is None:  # Householder, explicit U and Vh
+        q_b, r_b = torch.linalg.qr(ups)
+        q_a, r_a = torch.linalg.qr(downs.transpose(1, 2))
+        p, s, vh = torch.linalg.svd(r_b @ r_a.transpose(1, 2) * scales[:, None, None], full_matrices=False)
+        U, Vh = q_b @ p, vh @ q_a.transpose(1, 2)
+        return [("dense", s[i].cpu(), U[i].cpu(), Vh[i].cpu()) for i in range(len(layers))]
+    p, s, vh = torch.linalg.svd(r_b @ r_a.transpose(1, 2) * scales[:, None, None], full_matrices=False)
+    eye = torch.eye(r_b.shape[-1], dtype=r_b.dtype, device=r_b.device)
+    M = torch.linalg.solve_triangular(r_b, eye, upper=True) @ p  # U = B R_b⁻¹ P
+    N = vh @ torch.linalg.solve_triangular(r_a, eye, upper=True).transpose(1, 2)  # Vh = Vcᵀ R_a⁻ᵀ A
+    return [("factored", s[i].cpu(), M[i].cpu(), N[i].cpu()) for i in range(len(layers))]
 
 
 def _dense(layer: Layer, device, rank: Optional[int] = None, niter: int = 2
@@ -115,14 +149,18 @@ def decompose(lora: LoraFile | Iterable[Layer], *, device: Optional[torch.device
     for group in groups.values():
         for start in range(0, len(group), batch_limit):
             chunk = group[start:start + batch_limit]
-            for layer, (U, S, Vh) in zip(chunk, _factored_batch(chunk, device)):
-                results[layer_key(layer)] = Decomposed(layer_key(layer), layer, U, S, Vh)
+            for layer, (form, S, first, second) in zip(chunk, _factored_batch(chunk, device)):
+                if form == "dense":
+                    item = Decomposed(layer_key(layer), layer, S, dense_U=first, dense_Vh=second)
+                else:
+                    item = Decomposed(layer_key(layer), layer, S, M=first, N=second)
+                results[layer_key(layer)] = item
             done += len(chunk)
             if progress:
                 progress(done, total)
     for layer in dense:
         U, S, Vh = _dense(layer, device, dense_rank, niter)
-        results[layer_key(layer)] = Decomposed(layer_key(layer), layer, U, S, Vh)
+        results[layer_key(layer)] = Decomposed(layer_key(layer), layer, S, dense_U=U, dense_Vh=Vh)
         done += 1
         if progress:
             progress(done, total)

@@ -60,9 +60,8 @@ def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0,
     kept = int(mask.sum())
     if kept == 0:
         return None
-    prefix = bool(mask[:kept].all())  # the usual case: the kept values are the largest ones
-    U, S, Vh = (item.U[:, :kept], item.S[:kept], item.Vh[:kept]) if prefix else \
-        (item.U[:, mask], item.S[mask], item.Vh[mask])
+    keep = slice(0, kept) if bool(mask[:kept].all()) else mask  # usually the largest values are kept
+    U, S, Vh = item.left(keep), item.S[keep], item.right(keep)
     root = torch.sqrt(S * rescale)
     up = U * root
     down = (root[:, None] * Vh).reshape(kept, *item.in_shape)
@@ -124,7 +123,7 @@ def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base
         refs = References(spectral=values.get("spectral"), frobenius=values.get("frobenius"))
         if "subspace" in needed:
             weight = base.weight(item.layer.name, item.layer.offset, device=device).flatten(1)
-            U, Vh = item.U.to(weight.device), item.Vh.to(weight.device)
+            U, Vh = item.left().to(weight.device), item.right().to(weight.device)
             refs.subspace = ((U.T @ weight) * Vh).sum(dim=1).abs().cpu()
         table[item.key] = refs
     return table
@@ -315,9 +314,12 @@ def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None,
         dense_rank = None
     items = decompose(lora, device=device, dense_rank=dense_rank, niter=niter, progress=stage("decompose"))
     refs = reference_table(items, recipes, base, device=device, cache=cache, progress=stage("base norms"))
-    for recipe in recipes:
-        yield apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
-                           sources=sources, base=base)
+    for index, recipe in enumerate(recipes):
+        result = apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
+                              sources=sources, base=base)
+        if index == len(recipes) - 1:
+            items = refs = None  # the decomposition is done with: free it before the caller writes
+        yield result
 
 
 __all__ = ["resize", "apply_recipe", "rebuild_layer", "reference_table", "provenance_extra", "ResizeResult",
