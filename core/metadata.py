@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 from . import __version__
 from .model import LoraFile
@@ -21,35 +21,48 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sd_scripts_hashes(tensors, ss_metadata: Mapping[str, str]) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts' precalculate_safetensors_hashes computes them.
+class SdScriptsHasher:
+    """sd-scripts' two hashes, fed the data section chunk by chunk (as it is written).
 
-    Both are taken over the file as it would be written with only the ``ss_*`` metadata: the model
-    hash is the sha256 of everything after the header, the legacy hash the first 8 hex digits of
-    the sha256 of the 64 KiB at offset 1 MiB. Computed from the tensors without serializing them.
+    The model hash is the sha256 of everything after the header, the legacy hash the first 8 hex
+    digits of the sha256 of the 64 KiB at offset 1 MiB of the file holding only ``ss_*`` metadata;
+    ``header_len`` is that file's header size.
     """
+
+    def __init__(self, header_len: int):
+        self.window = (0x100000 - header_len, 0x100000 - header_len + 0x10000)
+        self.model, self.legacy = hashlib.sha256(), hashlib.sha256()
+        self.position = 0
+
+    def update(self, chunk) -> None:
+        self.model.update(chunk)
+        size = len(chunk)
+        low, high = max(self.window[0], self.position), min(self.window[1], self.position + size)
+        if low < high:
+            self.legacy.update(memoryview(chunk)[low - self.position:high - self.position])
+        self.position += size
+
+    def digests(self) -> tuple[str, str]:
+        return self.model.hexdigest(), self.legacy.hexdigest()[:8]
+
+
+def sd_scripts_hashes(tensors, ss_metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts' precalculate_safetensors_hashes computes
+    them, from the tensors without serializing them."""
     from .safetensors_io import data_chunks, header_size
 
-    window_start = 0x100000 - header_size(tensors, ss_metadata)
-    window_end = window_start + 0x10000
-    model, legacy = hashlib.sha256(), hashlib.sha256()
-    position = 0
+    hasher = SdScriptsHasher(header_size(tensors, ss_metadata))
     for chunk in data_chunks(tensors):
-        model.update(chunk)
-        size = len(chunk)
-        low, high = max(window_start, position), min(window_end, position + size)
-        if low < high:
-            legacy.update(memoryview(chunk)[low - position:high - position])
-        position += size
-    return model.hexdigest(), legacy.hexdigest()[:8]
+        hasher.update(chunk)
+    return hasher.digests()
 
 
 def kept_metadata(source: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in source.items() if k.startswith(_KEPT_PREFIXES) and k not in _STALE}
 
 
-def output_metadata(lora: LoraFile, *, operation: str, recipe: Optional[str] = None,
-                    sources: Iterable[Mapping[str, str]] = (), extra: Optional[Mapping] = None) -> dict[str, str]:
+def output_metadata(lora: LoraFile, *, operation: str, recipe: str | None = None,
+                    sources: Iterable[Mapping[str, str]] = (), extra: Mapping | None = None) -> dict[str, str]:
     """Metadata for a written file: the source's ss_*/modelspec.*, updated dim/alpha, provenance."""
     meta = kept_metadata(lora.metadata)
     ranks = {name: layer.rank for name, layer in lora.layers.items() if layer.kind == "lora"}
@@ -67,6 +80,6 @@ def output_metadata(lora: LoraFile, *, operation: str, recipe: Optional[str] = N
     return meta
 
 
-def read_provenance(metadata: Mapping[str, str]) -> Optional[dict]:
+def read_provenance(metadata: Mapping[str, str]) -> dict | None:
     raw = metadata.get(PROVENANCE_KEY)
     return json.loads(raw) if raw else None

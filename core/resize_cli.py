@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -46,12 +47,12 @@ def _merge_name(members: list[tuple[str, float]]) -> str:
     return "_".join(f"{Path(p).stem}{format_float(w) if w != 1.0 else ''}" for p, w in members)
 
 
-def output_name(stem: str, recipe: Recipe, threshold: Optional[float]) -> str:
+def output_name(stem: str, recipe: Recipe, threshold: float | None) -> str:
     shown = threshold if recipe.scored else None
     return f"{stem}_{recipe.slug(shown)}.safetensors"
 
 
-def _log_scores(scores: Optional[torch.Tensor]) -> None:
+def _log_scores(scores: torch.Tensor | None) -> None:
     if scores is None or scores.numel() == 0:
         return
     fractions = [0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]
@@ -92,9 +93,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_folder) if args.output_folder else None
     for spec in args.lora_model_paths:
         members = parse_lora_spec(spec)
-        sources = [{"file": os.path.basename(p), "sha256": file_sha256(p), "weight": w} for p, w in members
-                   if os.path.exists(p)]
-        loras = [(read_lora(path, arch=args.arch), weight) for path, weight in members]
+        with ThreadPoolExecutor(max_workers=1) as pool:  # hash the sources while reading them
+            digests = [(p, w, pool.submit(file_sha256, p)) for p, w in members if os.path.exists(p)]
+            loras = [(read_lora(path, arch=args.arch), weight) for path, weight in members]
+            sources = [{"file": os.path.basename(p), "sha256": d.result(), "weight": w} for p, w, d in digests]
         if len(loras) == 1 and loras[0][1] == 1.0:
             lora, operation = loras[0][0], "resize"
         else:

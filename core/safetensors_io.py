@@ -11,8 +11,9 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -82,7 +83,7 @@ def _check_entry(path: str, key: str, info: object, data_len: int) -> None:
                         layer=key, fix="the file is corrupt; get it again")
 
 
-def load_tensors(path: str | os.PathLike, keys: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a validated file, as stored (no dtype conversion); all of them unless ``keys``."""
     path = str(path)
     header, _ = read_header(path)
@@ -102,7 +103,7 @@ def data_start(path: str | os.PathLike) -> int:
         return 8 + struct.unpack("<Q", fh.read(8))[0]
 
 
-def read_rows(path: str, info: Mapping, start: int, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def read_rows(path: str, info: Mapping, start: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One tensor (or a block of its rows) read into a private buffer, not mmapped: reading a 6 GB
     checkpoint layer by layer keeps only the current layer in memory."""
     shape = list(info["shape"])
@@ -142,15 +143,21 @@ def _ordered(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[t
     return sorted(entries, key=lambda e: (-_DTYPE_ORDER.index(e[0]), e[2]))
 
 
-def _header_and_data_size(specs, metadata) -> tuple[int, int]:
+def _header_text(specs, metadata) -> tuple[bytes, int]:
+    """(padded JSON header, data length) as safetensors lays them out for tensors of these specs."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for dtype, shape, key in _ordered(specs):
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    text_len = len(json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-    return 8 + text_len + (-text_len) % 8, offset
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return text + b" " * ((-len(text)) % 8), offset
+
+
+def _header_and_data_size(specs, metadata) -> tuple[int, int]:
+    text, data = _header_text(specs, metadata)
+    return 8 + len(text), data
 
 
 def safetensors_size(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> int:
@@ -173,8 +180,15 @@ def header_size(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     return _header_and_data_size({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)[0]
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write to a temporary file beside ``path`` then rename: a crash never leaves a partial file.
+def header_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The 8-byte length and padded JSON header that precede ``data_chunks(tensors)`` in a file."""
+    text, _ = _header_text({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)
+    return struct.pack("<Q", len(text)) + text
+
+
+def atomic_write(fill: Callable[[BinaryIO], object], path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Let ``fill`` write a temporary file beside ``path``, then rename: a crash (or an exception in
+    ``fill``) never leaves a partial file.
 
     Refuses to replace an existing file unless ``overwrite``; the refusal is decided atomically
     (a hard link), so two writers racing for one name cannot both win.
@@ -190,7 +204,7 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = F
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved LoRA is an ordinary file
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         if overwrite:

@@ -8,12 +8,11 @@ import hashlib
 import os
 from typing import Callable, Optional
 
-import torch
-
 import comfy.lora
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 
 from ..core.base import StateDictBase
 from ..core.norms_cache import NormCache

@@ -170,3 +170,35 @@ def test_sd_scripts_hashes_match_a_real_serialization():
     header = int.from_bytes(data[:8], "little")
     assert sd_scripts_hashes(tensors, meta) == (hashlib.sha256(data[8 + header:]).hexdigest(),
                                                 hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8])
+
+
+def test_streamed_write_equals_safetensors_serialization(tmp_path):
+    """write_lora streams tensors and writes the header last: the file is what safetensors itself
+    serializes for the same tensors and metadata (same header, same length, same data bytes; only
+    the order of metadata keys, a hash map in safetensors, may differ), hashes included."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from core.formats import write_lora
+    from core.safetensors_io import serialize
+    from tests.helpers import synthetic_lora
+
+    lora = synthetic_lora(count=80, rank=48)
+    out = tmp_path / "streamed.safetensors"
+    size = write_lora(lora, out, dtype=torch.float32, operation="resize", recipe="rank=48")
+    data = out.read_bytes()
+    assert size == len(data) > 0x110000  # past the legacy hash's window
+    header = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + header])["__metadata__"]  # in written order (safe_open's is a hash map)
+    with safe_open(str(out), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    reference = serialize(tensors, meta)
+    ref_header = int.from_bytes(reference[:8], "little")
+    assert ref_header == header and len(reference) == len(data)
+    assert json.loads(reference[8:8 + header]) == json.loads(data[8:8 + header])
+    assert reference[8 + header:] == data[8 + header:]
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + header:]).hexdigest()
+    ss_only = serialize(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
+    assert len(tensors) == 80 * 3

@@ -9,16 +9,23 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .. import naming
 from ..delta import delta_weight, effective_down
 from ..errors import LoraError
-from ..metadata import output_metadata, sd_scripts_hashes
+from ..metadata import SdScriptsHasher, output_metadata
 from ..model import Layer, LoraFile
-from ..safetensors_io import atomic_write_bytes, safetensors_size, serialize
+from ..safetensors_io import (
+    atomic_write,
+    data_chunks,
+    header_bytes,
+    header_size,
+    safetensors_size,
+)
 from .conventions import CONVENTIONS, Convention
 
 ALPHA_SUFFIX = ".alpha"
@@ -27,7 +34,7 @@ OUTPUT_DTYPES = {"fp16": torch.float16, "16": torch.float16, "bf16": torch.bfloa
                  "float32": torch.float32}
 
 
-def parse_dtype(text: Optional[str]) -> Optional[torch.dtype]:
+def parse_dtype(text: str | None) -> torch.dtype | None:
     if text is None or text in ("", "keep", "same"):
         return None
     try:
@@ -36,7 +43,7 @@ def parse_dtype(text: Optional[str]) -> Optional[torch.dtype]:
         raise LoraError(f"unknown output dtype {text!r}", fix="use 16, bf16 or 32") from None
 
 
-def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: Optional[torch.dtype] = None
+def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors (and convention-specific metadata) for ``lora`` in ``convention``."""
     conv = _convention(convention)
@@ -67,9 +74,9 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: Optional[tor
     return tensors, extra_meta
 
 
-def _tensors_and_metadata(lora: LoraFile, convention: str, dtype: Optional[torch.dtype], operation: str,
-                          recipe: Optional[str], sources: Iterable[Mapping[str, str]],
-                          extra_provenance: Optional[Mapping], label: str):
+def _tensors_and_metadata(lora: LoraFile, convention: str, dtype: torch.dtype | None, operation: str,
+                          recipe: str | None, sources: Iterable[Mapping[str, str]],
+                          extra_provenance: Mapping | None, label: str):
     tensors, convention_meta = to_state_dict(lora, convention, dtype)
     if not tensors:
         raise LoraError("nothing to write: every layer was dropped", file=label,
@@ -79,21 +86,10 @@ def _tensors_and_metadata(lora: LoraFile, convention: str, dtype: Optional[torch
     return tensors, meta
 
 
-def encode_lora(lora: LoraFile, *, convention: str = "kohya", dtype: Optional[torch.dtype] = None,
-                operation: str = "convert", recipe: Optional[str] = None, sources: Iterable[Mapping[str, str]] = (),
-                extra_provenance: Optional[Mapping] = None, label: str = "<output>") -> bytes:
-    """The exact bytes of the file ``write_lora`` would write, with sd-scripts' hashes."""
-    tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
-                                          extra_provenance, label)
-    ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sd_scripts_hashes(tensors, ss_only)
-    return serialize(tensors, meta)
-
-
-def encoded_size(lora: LoraFile, *, convention: str = "kohya", dtype: Optional[torch.dtype] = None,
-                 operation: str = "convert", recipe: Optional[str] = None, sources: Iterable[Mapping[str, str]] = (),
-                 extra_provenance: Optional[Mapping] = None) -> int:
-    """Byte size of ``encode_lora``'s result without serializing any data: factors may live on the
+def encoded_size(lora: LoraFile, *, convention: str = "kohya", dtype: torch.dtype | None = None,
+                 operation: str = "convert", recipe: str | None = None, sources: Iterable[Mapping[str, str]] = (),
+                 extra_provenance: Mapping | None = None) -> int:
+    """Byte size of the file ``write_lora`` writes, without serializing any data: factors may live on the
     ``meta`` device. Used to fit ``size=`` targets exactly."""
     tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
                                           extra_provenance, "<output>")
@@ -102,14 +98,42 @@ def encoded_size(lora: LoraFile, *, convention: str = "kohya", dtype: Optional[t
 
 
 def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "kohya",
-               dtype: Optional[torch.dtype] = None, operation: str = "convert", recipe: Optional[str] = None,
-               sources: Iterable[Mapping[str, str]] = (), extra_provenance: Optional[Mapping] = None,
+               dtype: torch.dtype | None = None, operation: str = "convert", recipe: str | None = None,
+               sources: Iterable[Mapping[str, str]] = (), extra_provenance: Mapping | None = None,
                overwrite: bool = False) -> int:
-    """Write atomically; returns the number of bytes written. Never replaces a file unless ``overwrite``."""
-    data = encode_lora(lora, convention=convention, dtype=dtype, operation=operation, recipe=recipe,
-                       sources=sources, extra_provenance=extra_provenance, label=str(path))
-    atomic_write_bytes(data, path, overwrite=overwrite)
-    return len(data)
+    """Write atomically; returns the number of bytes written. Never replaces a file unless ``overwrite``.
+
+    Streams tensor by tensor (no copy of the whole file in memory) and hashes each chunk in a second
+    thread while the first writes it: the header, which holds the hashes, has a fixed length, so it
+    is written last, in place.
+    """
+    tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
+                                          extra_provenance, str(path))
+    ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    hasher = SdScriptsHasher(header_size(tensors, ss_only))
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = "0" * 64, "0" * 8  # same length as the real ones
+    header_len = len(header_bytes(tensors, meta))
+    written = header_len
+
+    def fill(fh) -> None:
+        nonlocal written
+        fh.seek(header_len)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashed = []
+            for chunk in data_chunks(tensors):
+                hashed.append(pool.submit(hasher.update, chunk))  # one worker: chunks hashed in order
+                fh.write(chunk)
+                written += len(chunk)
+            for future in hashed:
+                future.result()
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = hasher.digests()
+        header = header_bytes(tensors, meta)
+        assert len(header) == header_len, "header length changed with the hashes"
+        fh.seek(0)
+        fh.write(header)
+
+    atomic_write(fill, path, overwrite=overwrite)
+    return written
 
 
 def _convention(name: str) -> Convention:
@@ -123,7 +147,7 @@ def _dtype_of(layer: Layer) -> torch.dtype:
     return next(iter(layer.factors.values())).dtype
 
 
-def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return (tensor if dtype is None else tensor.to(dtype)).contiguous()
 
 
