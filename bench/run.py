@@ -4,7 +4,7 @@
     python bench/run.py DATA [--repeat 3] [--out bench/results.json]
     ELIAS_RESIZE_LORA=/path/to/resize_lora KOHYA_SD_SCRIPTS=/path/to/sd-scripts python bench/run.py DATA
 
-Each scenario is a separate process timed with /usr/bin/time. "cold" deletes the norms cache
+Each scenario is a separate process; wall time and peak RSS come from its rusage. "cold" deletes the norms cache
 first (the OS page cache is left as it is: the base file is usually already cached after the first
 run, which favours every tool equally); "warm" runs with the cache from the previous run. Peers
 are run on the same data when their checkouts are given by environment variable.
@@ -19,6 +19,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -26,16 +28,22 @@ CACHE = ".lora_resize_norms.json"
 
 
 def timed(cmd: list[str], cwd: str = ROOT, timeout: int = 1800) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, exit code) of one process."""
-    with tempfile.NamedTemporaryFile("r") as report:
-        full = ["/usr/bin/time", "-f", "%e %M", "-o", report.name, *cmd]
-        try:
-            code = subprocess.run(full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            return float(timeout), 0.0, 124
-        wall, rss_kb = report.read().split()[-2:]
-    return float(wall), int(rss_kb) / 1024, code
+    """(wall seconds, peak RSS MiB, exit code) of one process, from the kernel's rusage of the child
+    (no /usr/bin/time needed, so it runs on bare machines too)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.stderr.write(stderr.decode(errors="replace")[-2000:])
+    return (float(timeout), 0.0, 124) if wall >= timeout else (wall, usage.ru_maxrss / 1024, code)
 
 
 def scenario(name, cmd, repeat, before=None, cwd=ROOT, timeout=1800):
@@ -54,7 +62,10 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    parser.add_argument("--device", help="pass -d DEVICE to our runs (cpu, cuda)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peers even when their paths are set")
     args = parser.parse_args()
+    device = ["-d", args.device] if args.device else []
     base = os.path.join(args.data, "sdxl_base_synthetic.safetensors")
     r64 = os.path.join(args.data, "sdxl_lora_r64.safetensors")
     r128 = os.path.join(args.data, "sdxl_lora_r128.safetensors")
@@ -72,7 +83,7 @@ def main() -> None:
             if os.path.exists(path):
                 os.remove(path)
 
-    ours = [PY, "-m", "core", base]
+    ours = [PY, "-m", "core", *device, base]
     results = [
         scenario("I/O only (load + save r64)", [PY, "bench/io_only.py", r64, os.path.join(out, "io.safetensors")],
                  args.repeat, clean_out),
@@ -83,11 +94,11 @@ def main() -> None:
         scenario(f"cold spn_ckpt=1,size={size_target} r64", ours + [r64, "-o", out, "-q", "-r",
                                                                    f"spn_ckpt=1,size={size_target}"],
                  args.repeat, cold),
-        scenario("sv_ratio=2 r64 (no base)", [PY, "-m", "core", "-", r64, "-o", out, "-q", "-r", "sv_ratio=2"],
+        scenario("sv_ratio=2 r64 (no base)", [PY, "-m", "core", *device, "-", r64, "-o", out, "-q", "-r", "sv_ratio=2"],
                  args.repeat, clean_out),
         scenario("warm fro_ckpt=1,thr=-3.5 r128", ours + [r128, "-o", out, "-q"], args.repeat, clean_out),
     ]
-    elias = os.environ.get("ELIAS_RESIZE_LORA")
+    elias = None if args.no_peers else os.environ.get("ELIAS_RESIZE_LORA")
     if elias:
         def elias_cold():
             clean_out()
@@ -100,7 +111,7 @@ def main() -> None:
         results.append(scenario("elias warm fro_ckpt=1,thr=-3.5 r64", cmd, args.repeat, clean_out, cwd=elias))
         results.append(scenario(f"elias cold spn_ckpt=1,size={size_target} r64",
                                 cmd + ["-r", f"spn_ckpt=1,size={size_target}"], 1, elias_cold, cwd=elias))
-    kohya = os.environ.get("KOHYA_SD_SCRIPTS")
+    kohya = None if args.no_peers else os.environ.get("KOHYA_SD_SCRIPTS")
     if kohya:
         kohya_py = os.environ.get("KOHYA_PYTHON", PY)
         cmd = [kohya_py, "networks/resize_lora.py", "--model", r64, "--save_to", os.path.join(out, "k.safetensors"),

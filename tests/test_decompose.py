@@ -95,3 +95,24 @@ def test_batches_give_the_same_result_as_single_layers():
     alone = [decompose([layer])[0] for layer in layers]
     for a, b in zip(together, alone):
         assert torch.allclose(a.S, b.S, rtol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_triangular_factor_both_precisions_equal_householder(transposed):
+    """The CPU path (one fp64 Gram pass) and the GPU path (fp32 CholeskyQR2) give QR's R, here on
+    ill-conditioned factors (cond ≈ 1e4) like trained LoRA up matrices."""
+    from core.decompose import _triangular_factor
+
+    g = torch.Generator().manual_seed(7)
+    q, _ = torch.linalg.qr(torch.randn(3, 640, 24, generator=g, dtype=torch.float64))
+    x = q * torch.logspace(0, -4, 24, dtype=torch.float64)  # columns decaying over 4 decades
+    x = x @ torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=torch.float64))[0]
+    _, r_ref = torch.linalg.qr(x)
+    r_ref = r_ref * torch.sign(torch.diagonal(r_ref, dim1=1, dim2=2))[..., None]  # positive diagonal
+    stacked = x.transpose(1, 2).contiguous() if transposed else x
+    for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 2e-4)):  # one fp32 pass: 0.87
+        r = _triangular_factor(stacked.to(dtype), transposed=transposed)
+        assert r is not None and r.dtype == dtype
+        # relative to each row's scale: the small rows of R are what truncation decides on
+        error = ((r.double() - r_ref).norm(dim=2) / r_ref.norm(dim=2)).max()
+        assert float(error) < tol
