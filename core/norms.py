@@ -85,7 +85,7 @@ def reference_norms(base: BaseWeights, targets: Iterable[tuple[str, Offset]], *,
         else:
             todo.append(target)
     for done, (name, offset) in enumerate(todo, 1):
-        weight = base.weight(name, offset, device=device)
+        weight = base.weight(name, offset, device=device, reuse=True)
         values = {}
         if "frobenius" in kinds:
             values["frobenius"] = frobenius_norm(weight)

@@ -122,7 +122,7 @@ def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base
         values = norms[(item.layer.name, item.layer.offset)]
         refs = References(spectral=values.get("spectral"), frobenius=values.get("frobenius"))
         if "subspace" in needed:
-            weight = base.weight(item.layer.name, item.layer.offset, device=device).flatten(1)
+            weight = base.weight(item.layer.name, item.layer.offset, device=device, reuse=True).flatten(1)
             U, Vh = item.left().to(weight.device), item.right().to(weight.device)
             refs.subspace = ((U.T @ weight) * Vh).sum(dim=1).abs().cpu()
         table[item.key] = refs

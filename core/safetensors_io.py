@@ -103,26 +103,32 @@ def data_start(path: str | os.PathLike) -> int:
         return 8 + struct.unpack("<Q", fh.read(8))[0]
 
 
-def read_rows(path: str, info: Mapping, start: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def read_rows(path: str, info: Mapping, start: int, rows: Optional[tuple[int, int]] = None,
+              out: Optional[memoryview] = None) -> torch.Tensor:
     """One tensor (or a block of its rows) read into a private buffer, not mmapped: reading a 6 GB
-    checkpoint layer by layer keeps only the current layer in memory."""
+    checkpoint layer by layer keeps only the current layer in memory. With ``out`` (exactly the
+    bytes needed) the tensor is read into that caller-owned buffer and is a view of it."""
     shape = list(info["shape"])
     dtype = info["dtype"]
     row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[dtype]
     first, count = rows if rows is not None else (0, shape[0])
     offset = start + info["data_offsets"][0] + first * row_bytes
-    buffer = bytearray(count * row_bytes)
+    nbytes = count * row_bytes
+    if out is None:
+        out = memoryview(bytearray(nbytes))
+    elif len(out) != nbytes:
+        raise ValueError(f"buffer of {len(out)} bytes for a {nbytes}-byte read")
     with open(path, "rb", buffering=0) as fh:
         fh.seek(offset)
-        view, done = memoryview(buffer), 0
-        while done < len(buffer):
-            got = fh.readinto(view[done:])
+        done = 0
+        while done < nbytes:
+            got = fh.readinto(out[done:])
             if not got:
                 raise LoraError("file ended while reading a tensor", file=path, fix="the file is truncated")
             done += got
-    if not buffer:
+    if not nbytes:
         return torch.empty([count, *shape[1:]], dtype=_ST_TO_TORCH[dtype])
-    return torch.frombuffer(buffer, dtype=_ST_TO_TORCH[dtype]).reshape(count, *shape[1:])
+    return torch.frombuffer(out, dtype=_ST_TO_TORCH[dtype]).reshape(count, *shape[1:])
 
 
 def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:

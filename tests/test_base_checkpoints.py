@@ -49,6 +49,26 @@ def test_sdxl_single_file_names_and_openclip_qkv_order(tmp_path):
     assert base.shape("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q", (0, 4, 8)) == (8, 16)
 
 
+def test_reused_buffers_never_leak_into_kept_weights(tmp_path):
+    """Reads go through buffers reused from layer to layer (fp32 and fp16 files alike): a weight read
+    without ``reuse`` is its own copy; a ``reuse`` read equals it and is overwritten only by the next."""
+    path = tmp_path / "sdxl.safetensors"
+    tensors = _sdxl_file(path)
+    base = open_base(str(path))
+    conv_name, q_name = "diffusion_model.input_blocks.4.0.in_layers.2", "diffusion_model.input_blocks.4.1." \
+        "transformer_blocks.0.attn1.to_q"
+    kept = {name: base.weight(name) for name in sorted(base.names())}
+    shared = base.weight(conv_name, reuse=True)
+    assert torch.equal(shared, tensors["model.diffusion_model.input_blocks.4.0.in_layers.2.weight"])
+    again = base.weight(q_name, reuse=True)  # fp32 file: reuses the same fp32 storage
+    assert again.data_ptr() == shared.data_ptr()
+    for name in sorted(base.names()):  # fp16 in_proj pieces and fp32 weights interleaved
+        assert torch.equal(base.weight(name, reuse=True), kept[name])
+    assert torch.equal(kept[conv_name], tensors["model.diffusion_model.input_blocks.4.0.in_layers.2.weight"])
+    assert torch.equal(kept[q_name], tensors["model.diffusion_model.input_blocks.4.1.transformer_blocks.0."
+                                             "attn1.to_q.weight"])
+
+
 def test_sd15_and_flux_files(tmp_path):
     sd15 = tmp_path / "sd15.safetensors"
     save_file({"cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": torch.ones(4, 4),
