@@ -55,6 +55,7 @@ class BaseWeights:
 
     label: str = "<base>"
     fingerprint: str = ""
+    architecture: Optional[str] = None  # "sd15", "sdxl", "flux" when the source says so
 
     def names(self) -> set[str]:
         raise NotImplementedError
@@ -161,10 +162,12 @@ class SafetensorsBase(BaseWeights):
 class StateDictBase(BaseWeights):
     """Tensors already in memory (ComfyUI's loaded MODEL/CLIP), keyed by canonical name."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], fingerprint: str, label: str = "<loaded model>"):
+    def __init__(self, weights: Mapping[str, torch.Tensor], fingerprint: str, label: str = "<loaded model>",
+                 architecture: Optional[str] = None):
         self.weights = dict(weights)
         self.fingerprint = fingerprint
         self.label = label
+        self.architecture = architecture
 
     def names(self) -> set[str]:
         return set(self.weights)

@@ -87,8 +87,29 @@ def _shape_only(item: Decomposed, kept: int) -> Optional[Layer]:
                  source_key=source.source_key)
 
 
+def check_base_matches(items: Sequence[Decomposed], base, architecture: Optional[str] = None,
+                       label: Optional[str] = None) -> None:
+    """A base of another architecture, or of other widths, is refused before any work, by name."""
+    base_arch = getattr(base, "architecture", None)
+    if architecture and base_arch and architecture != base_arch:
+        raise LoraError(f"this LoRA is for {architecture.upper()}, but the base model "
+                        f"({getattr(base, 'label', 'base')}) is {base_arch.upper()}", file=label,
+                        fix=f"connect a {architecture.upper()} checkpoint, or use a recipe that needs no base "
+                        "(spn_lora/fro_lora/params, rank=, sv_ratio=)")
+    available = base.names()
+    for item in items:
+        if item.layer.name not in available:
+            continue  # reported with the count of all missing layers
+        expected = tuple(base.shape(item.layer.name, item.layer.offset))
+        if expected != tuple(item.layer.shape):
+            raise LoraError(f"the LoRA changes a {tuple(item.layer.shape)} weight, but the base's "
+                            f"({getattr(base, 'label', 'base')}) is {expected}", file=label, layer=item.key,
+                            fix="use the checkpoint this LoRA was made for (same model family and size)")
+
+
 def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base, *, device=None, cache=None,
-                    progress: Optional[Callable[[int, int], None]] = None) -> dict[str, References]:
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    architecture: Optional[str] = None, label: Optional[str] = None) -> dict[str, References]:
     """Base-checkpoint references each recipe needs, computed once for all recipes."""
     needed = set().union(*(r.weights for r in recipes)) if recipes else set()
     if not needed & {"spn_ckpt", "fro_ckpt", "subspace"}:
@@ -98,6 +119,7 @@ def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base
                         fix="pass the checkpoint (not '-'), or use spn_lora/fro_lora/params or rank=")
     from .norms import reference_norms
 
+    check_base_matches(items, base, architecture, label)
     kinds = tuple(k for k, m in (("spectral", "spn_ckpt"), ("frobenius", "fro_ckpt")) if m in needed)
     kinds = kinds or ("frobenius",)
     available = base.names()
@@ -313,7 +335,8 @@ def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None,
     if not any(r.method == "rsvd" for r in recipes):
         dense_rank = None
     items = decompose(lora, device=device, dense_rank=dense_rank, niter=niter, progress=stage("decompose"))
-    refs = reference_table(items, recipes, base, device=device, cache=cache, progress=stage("base norms"))
+    refs = reference_table(items, recipes, base, device=device, cache=cache, progress=stage("base norms"),
+                           architecture=lora.architecture, label=lora.path)
     for index, recipe in enumerate(recipes):
         result = apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
                               sources=sources, base=base)

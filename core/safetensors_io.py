@@ -13,7 +13,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Optional
 
 import torch
 from safetensors import safe_open

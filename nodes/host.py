@@ -80,7 +80,26 @@ def base_from_host(model=None, clip=None) -> Optional[StateDictBase]:
         weights.update(_original_weights(clip.patcher))
     if not weights:
         return None
-    return StateDictBase(weights, fingerprint=_fingerprint(weights), label="the loaded MODEL/CLIP")
+    return StateDictBase(weights, fingerprint=_fingerprint(weights), label="the loaded MODEL/CLIP",
+                         architecture=host_architecture(model))
+
+
+# ComfyUI model configs -> our architecture names (subclasses such as SSD1B or FluxSchnell included)
+_ARCHITECTURES = (("SDXL", "sdxl"), ("SD15", "sd15"), ("Flux", "flux"))
+
+
+def host_architecture(model) -> Optional[str]:
+    """The loaded model's family, from its ComfyUI model config; None when it is none of ours."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    if config is None:
+        return None
+    import comfy.supported_models
+
+    for class_name, architecture in _ARCHITECTURES:
+        cls = getattr(comfy.supported_models, class_name, None)
+        if cls is not None and isinstance(config, cls):
+            return architecture
+    return None
 
 
 def host_key_map(model=None, clip=None) -> dict[str, str]:

@@ -35,7 +35,9 @@ class ScoreRecipe:
                                   "tooltip": "Multiply the LoRA's effect by this (baked into the result)."}),
             "reducer": (["svd", "rsvd", "randproj"], {"tooltip": "For fixed ranks: exact SVD, randomized "
                                                                  "SVD, or seeded random projection."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random projection."}),
+            # no "randomize after generate" widget: the same recipe must give the same file every run
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
+                             "tooltip": "Seed of the random projection (fixed: the same seed, the same file)."}),
         }, "optional": {
             "raw_recipe": ("STRING", {"default": "", "multiline": False,
                                       "tooltip": "A recipe in the CLI grammar (e.g. fro_ckpt=1,thr=-3.5); "

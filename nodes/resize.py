@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 
 from ..core.errors import LoraError
 from ..core.formats.writer import encoded_size
@@ -25,13 +24,25 @@ def block_of(name: str) -> str:
     return name.split(".")[0] if not name.startswith("diffusion_model.") else name.split(".")[1]
 
 
+# Chart order: text encoders, then the diffusion model from input to output (numbers numerically).
+_BLOCK_ORDER = ("clip_l", "clip_g", "t5xxl", "input_blocks", "double_blocks", "middle_block", "single_blocks",
+                "output_blocks")
+
+
+def _block_sort_key(block: str) -> tuple:
+    family, _, number = block.partition(".")
+    rank = _BLOCK_ORDER.index(family) if family in _BLOCK_ORDER else len(_BLOCK_ORDER)
+    return (rank, int(number) if number.isdigit() else -1, block)
+
+
 def chart_data(result, size_before: int, size_after: int) -> dict:
-    blocks: "OrderedDict[str, list[int]]" = OrderedDict()
+    blocks: dict[str, list[int]] = {}
     for row in result.layers:
         ranks = blocks.setdefault(block_of(row["name"]), [0, 0])
         ranks[0] += row["old_rank"]
         ranks[1] += row["new_rank"]
-    return {"blocks": [{"block": b, "original": r[0], "kept": r[1]} for b, r in blocks.items()],
+    ordered = sorted(blocks.items(), key=lambda item: _block_sort_key(item[0]))
+    return {"blocks": [{"block": b, "original": r[0], "kept": r[1]} for b, r in ordered],
             "size_before": size_before, "size_after": size_after, "threshold": result.threshold,
             "error": result.total_error, "recipe": result.recipe.text}
 
@@ -79,7 +90,8 @@ class ResizeLoRA:
         items = lora.decomposition(device=device, progress=lambda d, t: progress("decompose", d, t))
         cache = norms_cache() if base is not None and recipe.needs_base else None
         refs = reference_table(items, [recipe], base, device=device, cache=cache,
-                               progress=lambda d, t: progress("base norms", d, t))
+                               progress=lambda d, t: progress("base norms", d, t),
+                               architecture=lora.lora.architecture, label=lora.label)
         if cache is not None:
             cache.save()
         result = apply_recipe(items, recipe, refs, template=lora.lora, operation=lora.operation,
@@ -87,7 +99,9 @@ class ResizeLoRA:
         resized = ResizableLora(result.lora, lora.sources, f"{lora.label} ({recipe.text})", lora.operation)
         resized.recipe_text = recipe.text
         resized.threshold = result.threshold
+        # both at the source's precision: the factors stay fp32 until SaveLoRA picks a dtype
+        stored = next((t.dtype for layer in lora.lora for t in layer.factors.values()), None)
         size_before = encoded_size(lora.lora) if lora.lora.layers else 0
-        size_after = encoded_size(result.lora, dtype=None) if result.lora.layers else 0
+        size_after = encoded_size(result.lora, dtype=stored) if result.lora.layers else 0
         chart = chart_data(result, size_before, size_after)
         return {"ui": {"lora_resize_chart": [chart]}, "result": (resized, report_text(result, chart))}

@@ -125,3 +125,28 @@ def test_no_overwrite_and_no_partial_output(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "out.safetensors"]
+
+
+def test_a_base_of_another_architecture_or_width_is_named():
+    """A LoRA checked against the wrong base fails before any norm is computed, naming both."""
+    from core.base import StateDictBase
+    from core.recipe import parse_recipe
+    from core.resize import resize
+    from tests.helpers import synthetic_lora
+
+    lora = synthetic_lora(count=3, rank=4, arch="sdxl")
+    lora.path = "mine.safetensors"
+    weights = {l.name: torch.zeros(l.shape) for l in lora}
+    recipe = [parse_recipe("fro_ckpt=1,thr=-3")]
+    other = StateDictBase(weights, fingerprint="x", label="the loaded MODEL/CLIP", architecture="sd15")
+    with pytest.raises(LoraError, match=r"mine\.safetensors: this LoRA is for SDXL, but the base model "
+                                        r"\(the loaded MODEL/CLIP\) is SD15"):
+        list(resize(lora, recipe, base=other))
+    first = next(iter(lora)).name
+    narrow = StateDictBase({**weights, first: torch.zeros(8, 8)}, fingerprint="y", architecture="sdxl")
+    with pytest.raises(LoraError, match=r"layer .*: the LoRA changes a \(64, 64\) weight, but the base's .* is "
+                                        r"\(8, 8\)"):
+        list(resize(lora, recipe, base=narrow))
+    same = StateDictBase({l.name: torch.randn(l.shape) for l in lora}, fingerprint="z", architecture="sdxl")
+    (result,) = resize(lora, recipe, base=same)
+    assert len(result.lora.layers) == 3

@@ -5,10 +5,21 @@ import { app } from "../../scripts/app.js";
 
 const NODE = "LoraResize_ResizeLoRA";
 const ROW = 12;
+const HEADER = 22; // the size / error / threshold line above the bars
+
+// Below the node's input and output slots, so the chart never covers a socket label.
+function chartTop(node) {
+  const slots = Math.max(node.inputs?.length ?? 0, node.outputs?.length ?? 0);
+  return slots * (globalThis.LiteGraph?.NODE_SLOT_HEIGHT ?? 20) + 10;
+}
+
+function chartHeight(chart) {
+  return HEADER + (chart.blocks?.length ?? 0) * ROW + 8;
+}
 
 function drawChart(ctx, node, chart) {
   const blocks = chart.blocks || [];
-  const top = node.size[1] - blocks.length * ROW - 46;
+  const top = chartTop(node);
   const width = node.size[0] - 20;
   const max = Math.max(1, ...blocks.map((b) => b.original));
   ctx.save();
@@ -45,8 +56,10 @@ app.registerExtension({
       const chart = message?.lora_resize_chart?.[0];
       if (!chart) return;
       this.loraResizeChart = chart;
-      const needed = 90 + (chart.blocks?.length || 0) * ROW;
-      if (this.size[1] < needed) this.setSize([Math.max(this.size[0], 320), needed]);
+      const needed = chartTop(this) + chartHeight(chart);
+      if (this.size[1] < needed || this.size[0] < 340) {
+        this.setSize([Math.max(this.size[0], 340), Math.max(this.size[1], needed)]);
+      }
       this.setDirtyCanvas(true, true);
     };
     const onDrawForeground = nodeType.prototype.onDrawForeground;

@@ -11,6 +11,7 @@ import sys
 from functools import lru_cache
 
 import torch
+from safetensors.torch import save_file
 
 DEFAULT_COMFYUI = os.path.expanduser("~/.cache/comfyui-lora-resize/ComfyUI")
 
@@ -26,6 +27,8 @@ def comfyui_path() -> str | None:
 
 
 def import_comfy() -> None:
+    if "comfy.model_patcher" in sys.modules:
+        return  # inside a running ComfyUI (the server tests' test-only nodes)
     path = comfyui_path()
     if path is None:
         raise ImportError("ComfyUI not found")
@@ -167,6 +170,56 @@ def tiny_flux() -> HostModel:
                   "t5xxl": (_SMALL_T5, {"model_class": comfy.text_encoders.t5.T5,
                                         "special_tokens": {"end": 1, "pad": 0}})}, None)
     return HostModel("flux", model, clip, _key_map(model, clip))
+
+
+def random_lora(host, rank=4, seed=0, every=7, up_scale=0.1, decay=1.0):
+    """A kohya LoRA for the host model: every n-th linear/conv weight the host key map names.
+    ``decay`` < 1 gives its directions a geometrically falling spectrum, as trained LoRAs have."""
+    g = torch.Generator().manual_seed(seed)
+    state = dict(host.model.model.state_dict())
+    state.update(host.clip.cond_stage_model.state_dict())
+    tensors = {}
+    names = sorted(k for k, v in host.key_map.items()
+                   if isinstance(v, str) and k.startswith(("lora_unet_", "lora_te1_", "lora_te2_"))
+                   and v in state and state[v].dim() >= 2)
+    seen = set()
+    for prefix in names[::every]:
+        if host.key_map[prefix] in seen:
+            continue  # the key map names a weight several ways (SGM and diffusers): use one
+        seen.add(host.key_map[prefix])
+        weight = state[host.key_map[prefix]]
+        out, inp = weight.shape[0], weight[0].numel()
+        up = torch.randn(out, rank, generator=g) * up_scale * decay ** torch.arange(rank)
+        down = torch.randn(rank, inp, generator=g)
+        if weight.dim() == 4:
+            up, down = up[:, :, None, None], down.reshape(rank, *weight.shape[1:])
+        tensors[f"{prefix}.lora_up.weight"] = up.half()
+        tensors[f"{prefix}.lora_down.weight"] = down.half()
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(rank) / 2).half()
+    return tensors
+
+
+def checkpoint_from_host(host, path):
+    """The host's weights as an SGM single-file checkpoint, with CLIP-G in OpenCLIP layout (q,k,v fused)."""
+    tensors = {}
+    for key, value in host.model.model.state_dict().items():
+        tensors["model." + key] = value.contiguous()
+    clip_state = host.clip.cond_stage_model.state_dict()
+    layers = {}
+    for key, value in clip_state.items():
+        if key.startswith("clip_l.transformer."):
+            tensors["conditioner.embedders.0.transformer." + key[len("clip_l.transformer."):]] = value.contiguous()
+        elif key.startswith("clip_g.transformer.text_model.encoder.layers.") and key.endswith(".weight"):
+            rest = key[len("clip_g.transformer.text_model.encoder.layers."):]
+            index, _, module = rest.partition(".")
+            layers.setdefault(int(index), {})[module] = value
+    for index, modules in layers.items():
+        root = f"conditioner.embedders.1.model.transformer.resblocks.{index}."
+        tensors[root + "attn.in_proj_weight"] = torch.cat([modules[f"self_attn.{p}_proj.weight"] for p in "qkv"])
+        tensors[root + "attn.out_proj.weight"] = modules["self_attn.out_proj.weight"].contiguous()
+        tensors[root + "mlp.c_fc.weight"] = modules["mlp.fc1.weight"].contiguous()
+        tensors[root + "mlp.c_proj.weight"] = modules["mlp.fc2.weight"].contiguous()
+    save_file(tensors, str(path))
 
 
 BUILDERS = {"sdxl": tiny_sdxl, "sd15": tiny_sd15, "flux": tiny_flux}

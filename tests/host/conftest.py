@@ -13,3 +13,16 @@ def comfy_hosts():
 
     import_comfy()
     return BUILDERS
+
+
+@pytest.fixture(scope="session")
+def server(comfy_hosts, tmp_path_factory):
+    """One real ComfyUI server for all server and browser tests (see tests/host/server.py)."""
+    pytest.importorskip("requests")
+    from tests.host.server import ServerFailed, running_server
+
+    try:
+        with running_server(tmp_path_factory.mktemp("comfy_base")) as handle:
+            yield handle
+    except ServerFailed as exc:
+        pytest.fail(str(exc))

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.host.comfy_models import checkpoint_from_host, random_lora
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -41,62 +43,13 @@ def folders(comfy_hosts, tmp_path, monkeypatch):
     return loras, checkpoints
 
 
-def _random_lora(host, rank=4, seed=0, every=7):
-    """A kohya LoRA for the host model: every n-th linear/conv weight the host key map names."""
-    g = torch.Generator().manual_seed(seed)
-    state = dict(host.model.model.state_dict())
-    state.update(host.clip.cond_stage_model.state_dict())
-    tensors = {}
-    names = sorted(k for k, v in host.key_map.items()
-                   if isinstance(v, str) and k.startswith(("lora_unet_", "lora_te1_", "lora_te2_"))
-                   and v in state and state[v].dim() >= 2)
-    seen = set()
-    for prefix in names[::every]:
-        if host.key_map[prefix] in seen:
-            continue  # the key map names a weight several ways (SGM and diffusers): use one
-        seen.add(host.key_map[prefix])
-        weight = state[host.key_map[prefix]]
-        out, inp = weight.shape[0], weight[0].numel()
-        up = torch.randn(out, rank, generator=g) * 0.1
-        down = torch.randn(rank, inp, generator=g)
-        if weight.dim() == 4:
-            up, down = up[:, :, None, None], down.reshape(rank, *weight.shape[1:])
-        tensors[f"{prefix}.lora_up.weight"] = up.half()
-        tensors[f"{prefix}.lora_down.weight"] = down.half()
-        tensors[f"{prefix}.alpha"] = torch.tensor(float(rank) / 2).half()
-    return tensors
-
-
-def _checkpoint_from_host(host, path):
-    """The host's weights as an SGM single-file checkpoint, with CLIP-G in OpenCLIP layout (q,k,v fused)."""
-    tensors = {}
-    for key, value in host.model.model.state_dict().items():
-        tensors["model." + key] = value.contiguous()
-    clip_state = host.clip.cond_stage_model.state_dict()
-    layers = {}
-    for key, value in clip_state.items():
-        if key.startswith("clip_l.transformer."):
-            tensors["conditioner.embedders.0.transformer." + key[len("clip_l.transformer."):]] = value.contiguous()
-        elif key.startswith("clip_g.transformer.text_model.encoder.layers.") and key.endswith(".weight"):
-            rest = key[len("clip_g.transformer.text_model.encoder.layers."):]
-            index, _, module = rest.partition(".")
-            layers.setdefault(int(index), {})[module] = value
-    for index, modules in layers.items():
-        root = f"conditioner.embedders.1.model.transformer.resblocks.{index}."
-        tensors[root + "attn.in_proj_weight"] = torch.cat([modules[f"self_attn.{p}_proj.weight"] for p in "qkv"])
-        tensors[root + "attn.out_proj.weight"] = modules["self_attn.out_proj.weight"].contiguous()
-        tensors[root + "mlp.c_fc.weight"] = modules["mlp.fc1.weight"].contiguous()
-        tensors[root + "mlp.c_proj.weight"] = modules["mlp.fc2.weight"].contiguous()
-    save_file(tensors, str(path))
-
-
 def test_base_norms_from_model_equal_the_checkpoint_file(comfy_hosts, pack, tmp_path):
     from core.base import open_base
     from core.norms import reference_norms
 
     host = comfy_hosts["sdxl"]()
     ckpt = tmp_path / "sdxl_tiny.safetensors"
-    _checkpoint_from_host(host, ckpt)
+    checkpoint_from_host(host, ckpt)
     from_file = open_base(str(ckpt))
     from_host = pack.nodes.host.base_from_host(host.model, host.clip)
     names = sorted(from_host.names() & from_file.names())
@@ -116,7 +69,7 @@ def test_a_patched_model_still_gives_unpatched_weights(comfy_hosts, pack):
 
     host = comfy_hosts["sdxl"]()
     clean = pack.nodes.host.base_from_host(host.model, host.clip)
-    lora = _random_lora(host, every=3)
+    lora = random_lora(host, every=3)
     model, clip = comfy.sd.load_lora_for_models(host.model, host.clip, lora, 1.0, 1.0)
     comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
     try:
@@ -142,7 +95,7 @@ def test_node_chain_saves_a_file_the_host_loads_and_equals_the_cli(comfy_hosts, 
 
     loras_dir, checkpoints_dir = folders
     host = comfy_hosts["sdxl"]()
-    save_file(_random_lora(host, rank=8, seed=3), str(loras_dir / "mine.safetensors"))
+    save_file(random_lora(host, rank=8, seed=3), str(loras_dir / "mine.safetensors"))
     nodes = pack.NODE_CLASS_MAPPINGS
     lora, summary = nodes["LoraResize_LoadLoRAForResize"]().load("mine.safetensors")
     assert "architecture sdxl" in summary
@@ -164,7 +117,7 @@ def test_node_chain_saves_a_file_the_host_loads_and_equals_the_cli(comfy_hosts, 
     assert len(loaded) * 3 == len(state)  # every up/down/alpha triple became a patch
 
     ckpt = tmp_path / "sdxl_tiny.safetensors"
-    _checkpoint_from_host(host, ckpt)
+    checkpoint_from_host(host, ckpt)
     assert main([str(ckpt), str(loras_dir / "mine.safetensors"), "-o", str(tmp_path / "cli"), "-t", "32",
                  "-r", "fro_ckpt=1,thr=-2.2", "-q"]) == 0
     (cli_file,) = os.listdir(tmp_path / "cli")
@@ -185,7 +138,8 @@ def test_node_errors_name_the_problem_and_write_nothing(comfy_hosts, pack, folde
     lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load("flux.safetensors")
     recipe, _ = nodes["LoraResize_ScoreRecipe"]().build(1.0, 0, 0, 0, 0, 0, "thr", -3.5, 1.0, "svd", 0)
     host = comfy_hosts["sdxl"]()
-    with pytest.raises(Exception, match="no weight in the base") as info:
+    with pytest.raises(Exception, match="flux.safetensors: this LoRA is for FLUX, but the base model .* "
+                                        "is SDXL") as info:
         nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe, model=host.model, clip=host.clip)
     assert type(info.value).__name__ == "LoraError"  # the pack's own error type, shown by ComfyUI as is
     with pytest.raises(Exception, match="no MODEL/CLIP is connected"):

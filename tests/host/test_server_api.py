@@ -1,95 +1,15 @@
 """A real ComfyUI server with the pack in custom_nodes, driven through the API queue (/prompt).
 
 Workflows are the API-format twins in example_workflows/. Checks: success in /history, the saved
-file loads in the host with zero unloaded keys and equals the CLI's output; a bad recipe and a
-missing file end as execution_error naming the problem, write nothing, and the next prompt runs.
+file loads in the host with zero unloaded keys and equals the CLI's output; a bad recipe, a missing
+file and a LoRA of another architecture than the MODEL end as errors naming the problem, write
+nothing, and the next prompt runs. Workflows that load a checkpoint get the test-only tiny SDXL
+(tests/host/test_nodes_pack) in place of CheckpointLoaderSimple.
 """
-import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import uuid
 
-import pytest
-
-from tests.host.comfy_models import comfyui_path
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKFLOWS = os.path.join(ROOT, "example_workflows")
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "lora", "sdxl_peft_r8a4.safetensors")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(comfy_hosts, tmp_path_factory):
-    requests = pytest.importorskip("requests")
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    os.symlink(ROOT, base / "custom_nodes" / "comfyui-lora-resize")
-    loras = base / "models" / "loras"
-    loras.mkdir(parents=True)
-    shutil.copy(FIXTURE, loras / "sdxl_peft.safetensors")
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(base), "--disable-api-nodes", "--dont-print-server"],
-        cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/object_info/LoraResize_ResizeLoRA", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-        if process.poll() is not None:
-            break
-    else:
-        process.kill()
-        pytest.fail("ComfyUI did not start: " + (base / "server.log").read_text()[-3000:])
-    if process.poll() is not None:
-        pytest.fail("ComfyUI exited: " + (base / "server.log").read_text()[-3000:])
-    yield {"url": url, "base": base, "loras": loras, "requests": requests}
-    process.terminate()
-    process.wait(30)
-    log.close()
-
-
-def _workflow(name: str) -> dict:
-    with open(os.path.join(WORKFLOWS, name)) as fh:
-        return json.load(fh)
-
-
-def _run(server, prompt: dict, timeout: float = 120) -> dict:
-    requests = server["requests"]
-    reply = requests.post(f"{server['url']}/prompt", json={"prompt": prompt, "client_id": str(uuid.uuid4())},
-                          timeout=10)
-    assert reply.ok, reply.text
-    prompt_id = reply.json()["prompt_id"]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        history = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json()
-        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-            entry = history[prompt_id]
-            if entry["status"].get("status_str") in ("success", "error"):
-                return entry
-        time.sleep(0.3)
-    raise AssertionError("prompt did not finish")
-
-
-def _error(entry) -> dict:
-    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert errors, entry["status"]
-    return errors[0]
+from tests.host.comfy_models import checkpoint_from_host
+from tests.host.server import FIXTURE, TINY_LORA, error_of, on_tiny_sdxl, run_prompt, workflow
 
 
 def test_resize_workflow_saves_a_loadable_file_equal_to_the_cli(server, comfy_hosts, tmp_path):
@@ -100,7 +20,7 @@ def test_resize_workflow_saves_a_loadable_file_equal_to_the_cli(server, comfy_ho
     from core.delta import delta_weight
     from core.formats import read_lora
 
-    entry = _run(server, _workflow("resize_own_spectrum_api.json"))
+    entry = run_prompt(server, workflow("resize_own_spectrum_api.json"))
     assert entry["status"]["status_str"] == "success", entry["status"]
     saved = server["loras"] / "resized" / "sdxl_peft_00001_.safetensors"
     assert saved.exists()
@@ -119,27 +39,112 @@ def test_resize_workflow_saves_a_loadable_file_equal_to_the_cli(server, comfy_ho
 
 
 def test_merge_and_random_projection_workflows(server):
-    entry = _run(server, _workflow("merge_then_resize_api.json"))
+    entry = run_prompt(server, workflow("merge_then_resize_api.json"))
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert (server["loras"] / "merged" / "sdxl_peft_merged_00001_.safetensors").exists()
-    entry = _run(server, _workflow("fixed_rank_randproj_api.json"))
+    entry = run_prompt(server, workflow("fixed_rank_randproj_api.json"))
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert (server["loras"] / "rank4" / "sdxl_peft_rank4_00001_.safetensors").exists()
 
 
 def test_errors_name_the_problem_write_nothing_and_the_next_prompt_runs(server):
     before = sorted(p.name for p in server["loras"].rglob("*.safetensors"))
-    bad = _workflow("resize_own_spectrum_api.json")
+    bad = workflow("resize_own_spectrum_api.json")
     recipe_node = next(k for k, v in bad.items() if v["class_type"] == "LoraResize_ScoreRecipe")
     bad[recipe_node]["inputs"]["raw_recipe"] = "spn_lora=1,thr=oops"
-    entry = _run(server, bad)
+    entry = run_prompt(server, bad)
     assert entry["status"]["status_str"] == "error"
-    assert "'thr=oops'" in _error(entry)["exception_message"]
-    missing = _workflow("resize_own_spectrum_api.json")
+    assert "'thr=oops'" in error_of(entry)["exception_message"]
+    missing = workflow("resize_own_spectrum_api.json")
     load_node = next(k for k, v in missing.items() if v["class_type"] == "LoraResize_LoadLoRAForResize")
     missing[load_node]["inputs"]["lora_name"] = "gone.safetensors"
     reply = server["requests"].post(f"{server['url']}/prompt", json={"prompt": missing}, timeout=10)
     assert reply.status_code == 400 and "gone.safetensors" in reply.text  # rejected by validation
     assert sorted(p.name for p in server["loras"].rglob("*.safetensors")) == before
-    entry = _run(server, _workflow("resize_own_spectrum_api.json"))
+    entry = run_prompt(server, workflow("resize_own_spectrum_api.json"))
     assert entry["status"]["status_str"] == "success"
+
+
+def test_resize_with_base_uses_the_loaded_model_and_equals_the_cli_on_its_checkpoint(server, comfy_hosts,
+                                                                                     tmp_path):
+    import comfy.lora
+    import comfy.utils
+
+    from core.cli import main
+    from core.delta import delta_weight
+    from core.formats import read_lora
+
+    entry = run_prompt(server, on_tiny_sdxl(workflow("resize_with_base_api.json")))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = server["loras"] / "resized" / "my_sdxl_lora_00001_.safetensors"
+    host = comfy_hosts["sdxl"]()
+    state = comfy.utils.load_torch_file(str(saved), safe_load=True)
+    patches = comfy.lora.load_lora(state, host.key_map, log_missing=False)
+    assert len(patches) * 3 == len(state) > 0
+    # the CLI on the same weights saved as an SGM checkpoint: the same ranks and ΔW
+    ckpt = tmp_path / "tiny_sdxl.safetensors"
+    checkpoint_from_host(host, ckpt)
+    out = tmp_path / "cli"
+    assert main([str(ckpt), str(server["loras"] / TINY_LORA), "-o", str(out), "-r", "fro_ckpt=1,thr=-3.5",
+                 "-q"]) == 0
+    (cli_file,) = os.listdir(out)
+    ours, cli = read_lora(saved), read_lora(out / cli_file)
+    assert {k: l.rank for k, l in ours.layers.items()} == {k: l.rank for k, l in cli.layers.items()}
+    assert sum(l.rank for l in ours) < sum(l.rank for l in read_lora(server["loras"] / TINY_LORA))
+    for name, layer in ours.layers.items():
+        expected = delta_weight(cli.layers[name])
+        assert float((delta_weight(layer) - expected).norm() / expected.norm()) < 2e-3  # both stored fp16
+    # the norms were cached beside the checkpoints folder, under the loaded model's fingerprint
+    assert (server["base"] / "models" / "checkpoints" / ".lora_resize_norms.json").exists()
+
+
+def test_ab_preview_samples_original_and_resized_side_by_side(server):
+    """The A/B workflow on the tiny SDXL, decoding swapped for SaveLatent (the tiny model has no VAE),
+    plus a third branch without the LoRA: the resized LoRA's sample stays nearer the original's than
+    the LoRA-free one does."""
+    from safetensors.torch import load_file
+
+    prompt = on_tiny_sdxl(workflow("ab_preview_api.json"))
+    for key, node in list(prompt.items()):
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 3
+        if node["class_type"] == "PreviewImage":
+            del prompt[key]
+    for key, node in list(prompt.items()):
+        if node["class_type"] == "VAEDecode":
+            sampler = node["inputs"]["samples"][0]
+            lora_node = prompt[prompt[sampler]["inputs"]["model"][0]]["inputs"]["lora"][0]
+            tag = "A" if prompt[lora_node]["class_type"] == "LoraResize_LoadLoRAForResize" else "B"
+            prompt[key] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0],
+                                                                 "filename_prefix": f"ab/{tag}"}}
+    sampler_a = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "LoraResizeTest_TinySDXL")
+    prompt["100"] = dict(prompt[sampler_a], inputs={**prompt[sampler_a]["inputs"], "model": [loader, 0]})
+    prompt["101"] = {"class_type": "SaveLatent", "inputs": {"samples": ["100", 0], "filename_prefix": "ab/C"}}
+    entry = run_prompt(server, prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    latents = {}
+    for tag in "ABC":
+        (path,) = (server["base"] / "output" / "ab").glob(f"{tag}_*.latent")
+        latents[tag] = load_file(str(path))["latent_tensor"].double()
+    assert all(bool(t.isfinite().all()) and t.shape == (1, 4, 8, 8) for t in latents.values())
+    lora_effect = float((latents["A"] - latents["C"]).norm())
+    resize_effect = float((latents["B"] - latents["A"]).norm())
+    print(f"A-B {resize_effect:.4g}  A-C {lora_effect:.4g}")
+    assert lora_effect > 0 and resize_effect < 0.5 * lora_effect, (resize_effect, lora_effect)
+
+
+def test_a_lora_of_another_architecture_than_the_model_is_an_executionerror_of(server):
+    before = sorted(p.name for p in server["loras"].rglob("*.safetensors"))
+    prompt = on_tiny_sdxl(workflow("resize_with_base_api.json"))
+    next(v for v in prompt.values() if v["class_type"] == "LoraResize_LoadLoRAForResize")["inputs"]["lora_name"] = \
+        "sd15_locon.safetensors"
+    entry = run_prompt(server, prompt)
+    assert entry["status"]["status_str"] == "error"
+    message = error_of(entry)["exception_message"]
+    assert "SD15" in message and "SDXL" in message and "sd15_locon.safetensors" in message, message
+    assert sorted(p.name for p in server["loras"].rglob("*.safetensors")) == before
+    entry = run_prompt(server, on_tiny_sdxl(workflow("resize_with_base_api.json")))
+    assert entry["status"]["status_str"] == "success", entry["status"]
