@@ -83,3 +83,54 @@ def test_tucker_mid_that_does_not_chain_is_refused(tmp_path, suffixes):
                p + suffixes[2]: torch.ones(3, 4, 3, 3)}, str(path))
     with pytest.raises(LoraError, match="Tucker factors do not chain"):
         read_lora(path, arch="sd15")
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "full"])
+def test_flux_norm_out_rows_are_bfl_with_halves_swapped(tmp_path, kind):
+    """diffusers' norm_out.linear gives (scale, shift) where BFL's final_layer.adaLN_modulation.1 gives
+    (shift, scale): read as the BFL weight with the halves swapped, written back unchanged."""
+    from safetensors import safe_open
+
+    g = _g(5)
+    prefix = "transformer.norm_out.linear"
+    others = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 64, generator=g),
+              "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 4, generator=g)}
+    tensors = {
+        "lora": {f"{prefix}.lora_A.weight": torch.randn(4, 64, generator=g),
+                 f"{prefix}.lora_B.weight": torch.randn(128, 4, generator=g)},
+        "loha": {f"{prefix}.hada_w1_a": torch.randn(128, 2, generator=g),
+                 f"{prefix}.hada_w1_b": torch.randn(2, 64, generator=g),
+                 f"{prefix}.hada_w2_a": torch.randn(128, 2, generator=g),
+                 f"{prefix}.hada_w2_b": torch.randn(2, 64, generator=g)},
+        "lokr": {f"{prefix}.lokr_w1": torch.randn(8, 4, generator=g),
+                 f"{prefix}.lokr_w2": torch.randn(16, 16, generator=g)},
+        "full": {f"{prefix}.diff": torch.randn(128, 64, generator=g),
+                 f"{prefix}.diff_b": torch.randn(128, generator=g)},
+    }[kind]
+    path = tmp_path / "flux_norm_out.safetensors"
+    save_file({**tensors, **others}, str(path))
+    lora = read_lora(path, arch="flux")
+    assert lora.unknown_keys == []
+    layer = lora.layers["diffusion_model.final_layer.adaLN_modulation.1"]
+    if kind == "lora":
+        diffusers = tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"]
+    elif kind == "loha":
+        t = tensors
+        diffusers = (t[f"{prefix}.hada_w1_a"] @ t[f"{prefix}.hada_w1_b"]) * \
+            (t[f"{prefix}.hada_w2_a"] @ t[f"{prefix}.hada_w2_b"])
+    elif kind == "lokr":
+        diffusers = torch.kron(tensors[f"{prefix}.lokr_w1"], tensors[f"{prefix}.lokr_w2"])
+    else:
+        diffusers = tensors[f"{prefix}.diff"]
+        bias = tensors[f"{prefix}.diff_b"]
+        assert torch.equal(layer.bias_diff, torch.cat([bias[64:], bias[:64]]))
+    swapped = torch.cat([diffusers[64:], diffusers[:64]])  # ComfyUI's swap_scale_shift
+    assert torch.allclose(delta_weight(layer), swapped, rtol=1e-5, atol=1e-5)
+    for convention in ("kohya", "comfy", "peft"):
+        out = tmp_path / f"{convention}.safetensors"
+        write_lora(lora, out, convention=convention)
+        again = read_lora(out, arch="flux").layers["diffusion_model.final_layer.adaLN_modulation.1"]
+        assert torch.allclose(delta_weight(again), swapped, rtol=1e-5, atol=1e-5), convention
+    with safe_open(str(tmp_path / "peft.safetensors"), "pt") as fh:  # PEFT: the producer's own rows again
+        for key, value in tensors.items():
+            assert torch.equal(fh.get_tensor(key), value), key

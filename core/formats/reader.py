@@ -20,7 +20,7 @@ from ..errors import LoraError, UnsupportedFormat
 from ..model import Layer, LoraFile
 from ..safetensors_io import load_tensors, read_header
 from .conventions import split_key, unsupported_family
-from .shapes import layer_shape
+from .shapes import layer_shape, swap_output_halves
 
 log = logging.getLogger("lora_resize")
 
@@ -122,6 +122,8 @@ def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor
                             fix="the training diverged; use an earlier checkpoint of this LoRA")
     shape = layer_shape(kind, factors, target.name, arch, prefix=prefix, label=label)
     alpha = _alpha(prefix, roles, kind, factors, peft_alphas, label)
+    if target.swap_halves:
+        factors = swap_output_halves(kind, factors, label, prefix)
     offset = None
     if target.part is not None:
         start_units, length_units = target.part
@@ -132,6 +134,9 @@ def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor
         offset = (0, start_units * unit, shape[0])
     dora = _dora(roles, shape, label, prefix)
     bias = roles.get("diff_b", (None, None))[1]
+    if target.swap_halves:
+        dora = None if dora is None else torch.roll(dora, shape[0] // 2, dims=0)
+        bias = None if bias is None else torch.roll(bias, shape[0] // 2, dims=0)
     return Layer(name=target.name, kind=kind, factors=factors, shape=shape, alpha=alpha, offset=offset,
                  dora_scale=dora, bias_diff=bias, source_key=prefix)
 

@@ -112,3 +112,24 @@ def layer_shape(kind: str, factors: Mapping[str, torch.Tensor], name: str, arch:
     if missing:
         raise _fail(f"{kind} layer is missing its {', '.join(missing)} factor(s)", label, prefix)
     return tuple(int(d) for d in _SHAPES[kind](factors, name, label, prefix))
+
+
+# The factors that carry ΔW's output rows, per kind (LoKr: its first Kronecker factor's rows).
+_OUTPUT_SIDE = {"lora": ("up",), "loha": ("w1a", "w2a"), "lokr": ("w1", "w1a"), "full": ("diff", "diff_b")}
+
+
+def swap_output_halves(kind: str, factors: Mapping[str, torch.Tensor], label: str, prefix: str
+                       ) -> dict[str, torch.Tensor]:
+    """Factors whose ΔW has its two halves of output rows swapped (an exact row permutation).
+
+    For LoKr, ΔW = w1 ⊗ w2: swapping the halves of its rows is swapping the halves of w1's rows."""
+    out = dict(factors)
+    for role in _OUTPUT_SIDE[kind]:
+        if role not in out:
+            continue
+        rows = out[role].shape[0]
+        if rows % 2:
+            raise _fail(f"{kind} factor {role} has {rows} rows: its output halves cannot be swapped exactly",
+                        label, prefix)
+        out[role] = torch.roll(out[role], rows // 2, dims=0)
+    return out

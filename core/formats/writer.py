@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from dataclasses import replace
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +28,7 @@ from ..safetensors_io import (
     safetensors_size,
 )
 from .conventions import CONVENTIONS, Convention
+from .shapes import swap_output_halves
 
 ALPHA_SUFFIX = ".alpha"
 OUTPUT_DTYPES = {"fp16": torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
@@ -51,6 +53,8 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype 
     tensors: dict[str, torch.Tensor] = {}
     peft_ranks: dict[str, dict[str, int]] = defaultdict(dict)
     for layer, prefix in layers:
+        if naming.swapped_halves(layer.name, conv.name):
+            layer = _with_output_halves_swapped(layer, prefix)
         factors = dict(layer.factors)
         if "mid" in factors and ("lora", "mid") not in conv.write:
             # no Tucker core in this format: fold it into down (exact), a plain LoCon of the same rank
@@ -72,6 +76,14 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype 
             tensors[prefix + conv.write[(None, "diff_b")]] = _cast(layer.bias_diff, dtype)
     extra_meta = _peft_metadata(peft_ranks, lora) if peft_ranks else {}
     return tensors, extra_meta
+
+
+def _with_output_halves_swapped(layer: Layer, prefix: str) -> Layer:
+    """The layer as the convention's module sees it: output halves swapped (Flux norm_out.linear)."""
+    half = layer.shape[0] // 2
+    return replace(layer, factors=swap_output_halves(layer.kind, layer.factors, "<output>", prefix),
+                   dora_scale=None if layer.dora_scale is None else torch.roll(layer.dora_scale, half, dims=0),
+                   bias_diff=None if layer.bias_diff is None else torch.roll(layer.bias_diff, half, dims=0))
 
 
 def _tensors_and_metadata(lora: LoraFile, convention: str, dtype: torch.dtype | None, operation: str,

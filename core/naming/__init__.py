@@ -24,6 +24,7 @@ class Target:
 
     name: str
     part: Optional[tuple[int, int]] = None
+    swap_halves: bool = False  # the file's output rows are the canonical ones with their halves swapped
 
 
 # Text-encoder prefixes -> canonical encoder per architecture ("*" = any).
@@ -69,6 +70,8 @@ def _unet_target(path: str, arch: str) -> Optional[Target]:
     if path.startswith(flux.BFL_ROOTS):
         name, part = flux.bfl_slice(path)
         return Target(f"diffusion_model.{name}", part)
+    if path in flux.SWAPPED:
+        return Target(f"diffusion_model.{flux.SWAPPED[path]}", swap_halves=True)
     if path.startswith(flux.DIFFUSERS_ROOTS) and (arch == "flux" or not path.startswith("proj_out")):
         mapped = flux.to_bfl(path)
         return Target(f"diffusion_model.{mapped[0]}", mapped[1]) if mapped else None
@@ -133,6 +136,12 @@ def from_canonical(name: str, arch: str, convention: str) -> str:
     return prefix + path
 
 
+def swapped_halves(name: str, convention: str) -> bool:
+    """Whether ``convention`` names this canonical weight by a module whose output halves are swapped."""
+    return convention == "peft" and name.startswith("diffusion_model.") and \
+        name[len("diffusion_model."):] in flux.SWAPPED.values()
+
+
 def split_parts(name: str, arch: str, convention: str) -> Optional[list[tuple[str, tuple[int, int]]]]:
     """For a fused weight the convention names only by parts (Flux qkv/linear1 in PEFT): its parts."""
     if convention != "peft" or not name.startswith("diffusion_model."):
@@ -174,4 +183,5 @@ def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str]) ->
     return "unknown"
 
 
-__all__ = ["ARCHITECTURES", "Target", "detect_architecture", "to_canonical", "from_canonical", "split_parts"]
+__all__ = ["ARCHITECTURES", "Target", "detect_architecture", "to_canonical", "from_canonical", "split_parts",
+           "swapped_halves"]

@@ -36,9 +36,12 @@ BASIC = {
     "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
     "controlnet_x_embedder": "pos_embed_input",
 }
+# diffusers modules whose output rows are BFL's with the two halves swapped (scale, shift vs shift, scale;
+# ComfyUI's swap_scale_shift): exact as a row permutation of the factors on the output side
+SWAPPED = {"norm_out.linear": "final_layer.adaLN_modulation.1"}
 BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
              "final_layer.", "pos_embed_input")
-DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.") + tuple(BASIC)
+DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.") + tuple(BASIC) + tuple(SWAPPED)
 
 
 # BFL-style names of row slices (ComfyUI's key map: single_blocks.N.linear1_qkv = q, k, v rows of linear1)
@@ -70,7 +73,7 @@ def to_bfl(name: str) -> Optional[tuple[str, Part]]:
 
 def to_diffusers(name: str) -> Optional[str]:
     """BFL path of an unfused weight -> diffusers path; None for fused weights (see parts) or unknown."""
-    for diffusers, bfl in BASIC.items():
+    for diffusers, bfl in (*BASIC.items(), *SWAPPED.items()):
         if bfl == name:
             return diffusers
     m = re.fullmatch(r"(double_blocks|single_blocks)\.(\d+)\.(.+)", name)

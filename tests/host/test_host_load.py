@@ -37,12 +37,14 @@ def _host_load(comfy_models, arch, path):
     return patches, unloaded
 
 
-def _host_delta(adapter, shape):
-    """ΔW the host's weight adapter adds to a zero weight of ``shape`` (fp32, strength 1)."""
+def _host_delta(adapter, shape, function=None):
+    """ΔW the host's weight adapter adds to a zero weight of ``shape`` (fp32, strength 1); ``function``
+    is the patch key's own transform (Flux norm_out.linear: swap_scale_shift)."""
     weight = torch.zeros(shape, dtype=torch.float32)
+    function = function or (lambda a: a)
     if isinstance(adapter, tuple):  # ("diff", (tensor,))
-        return adapter[1][0].float().reshape(shape)
-    return adapter.calculate_weight(weight, "key", 1.0, 1.0, None, lambda a: a, torch.float32)
+        return function(adapter[1][0].float().reshape(shape))
+    return adapter.calculate_weight(weight, "key", 1.0, 1.0, None, function, torch.float32)
 
 
 @pytest.mark.parametrize("convention", ["kohya", "comfy", "peft"])
@@ -61,16 +63,17 @@ def test_written_file_loads_in_host_with_same_delta(comfy_hosts, name, conventio
     for key, adapter in patches.items():
         model_key, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
         # a row slice is identified by start/length: the host model's widths differ from the fixture's
+        function = key[2] if not isinstance(key, str) and len(key) > 2 else None
         by_target[(model_key[: -len(".weight")] if model_key.endswith(".weight") else model_key,
-                   offset[1] / offset[2] if offset else None)] = adapter
+                   offset[1] / offset[2] if offset else None)] = (adapter, function)
     compared = 0
     for layer in written:
         if layer.dora_scale is not None:
             continue  # the host's DoRA result depends on the base weight: compared in the next test
         offset = layer.offset[1] / layer.offset[2] if layer.offset else None
-        adapter = by_target[(layer.name, offset)]
+        adapter, function = by_target[(layer.name, offset)]
         ours = delta_weight(layer)
-        theirs = _host_delta(adapter, layer.shape)
+        theirs = _host_delta(adapter, layer.shape, function)
         scale = float(ours.norm()) or 1.0
         assert float((theirs - ours).norm()) / scale < 1e-5, layer.name
         compared += 1
