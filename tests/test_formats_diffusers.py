@@ -69,3 +69,21 @@ def test_every_output_format_keeps_it(tmp_path):
             height = max(delta.shape[0], other.shape[0])  # kohya writes a fused weight whole (zero rows)
             padded = [torch.cat([t, torch.zeros(height - t.shape[0], t.shape[1])]) for t in (delta, other)]
             assert torch.allclose(padded[1], padded[0], rtol=1e-6, atol=1e-7), (convention, name)
+
+
+def test_old_diffusers_attention_processor_file():
+    """diffusers 0.14's LoRA attention processors (to_q_lora.up/down under ...attn1.processor.), as
+    its own save_attn_procs wrote them: SGM names, scale 1, ΔW = up·down for all 128 projections."""
+    name = "sd15_diffusers_attnprocs_r4"
+    lora = read_lora(os.path.join(FIXTURES, "lora", f"{name}.safetensors"))
+    assert lora.architecture == "sd15" and lora.unknown_keys == []
+    with safe_open(os.path.join(FIXTURES, "lora_expected", f"{name}.safetensors"), "pt") as fh:
+        expected = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert len(lora.layers) == len(expected) == 128
+    assert "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_out.0" in lora.layers
+    assert "diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_q" in lora.layers
+    for layer in lora:
+        module = layer.source_key.replace(".processor.", ".").replace("_lora", "")
+        module = module + ".0" if module.endswith(".to_out") else module
+        assert layer.scale == 1.0
+        assert torch.allclose(delta_weight(layer), expected[module], rtol=1e-6, atol=1e-8), layer.name
