@@ -36,7 +36,7 @@ def _lora_product(f: dict, device) -> torch.Tensor:
     return up @ down.flatten(1)
 
 
-def _tucker_half(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+def tucker_half(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     # LyCORIS CP/Tucker: t [r, r, kh, kw], wa [r, out], wb [r, in] -> [out, in, kh, kw]
     return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa).contiguous()
 
@@ -44,8 +44,8 @@ def _tucker_half(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.T
 def _loha_product(f: dict, device) -> torch.Tensor:
     g = {k: _f32(v, device) for k, v in f.items()}
     if "t1" in g:
-        m1 = _tucker_half(g["t1"], g["w1a"], g["w1b"])
-        m2 = _tucker_half(g["t2"], g["w2a"], g["w2b"])
+        m1 = tucker_half(g["t1"], g["w1a"], g["w1b"])
+        m2 = tucker_half(g["t2"], g["w2a"], g["w2b"])
     else:
         m1 = g["w1a"] @ g["w1b"]
         m2 = g["w2a"] @ g["w2b"]
@@ -58,7 +58,7 @@ def _lokr_product(f: dict, device) -> torch.Tensor:
     if "w2" in g:
         w2 = g["w2"]
     elif "t2" in g:
-        w2 = _tucker_half(g["t2"], g["w2a"], g["w2b"])
+        w2 = tucker_half(g["t2"], g["w2a"], g["w2b"])
     else:
         w2 = g["w2a"] @ g["w2b"]
     if w2.dim() == 4:

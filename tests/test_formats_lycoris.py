@@ -8,7 +8,12 @@ from core.delta import delta_weight
 from core.formats import read_lora, write_lora
 from tests.conftest import FIXTURES
 
-NAMES = ["sd15_lycoris_locon_tucker_r4a2", "sd15_lycoris_loha_tucker_r4a2", "sd15_lycoris_lokr_tucker_r4a2"]
+NAMES = ["sd15_lycoris_locon_tucker_r4a2", "sd15_lycoris_loha_tucker_r4a2", "sd15_lycoris_lokr_tucker_r4a2",
+         "sd15_lycoris_lokr_t2_r4a2"]
+KINDS = {"sd15_lycoris_locon_tucker_r4a2": {"locon+tucker", "lora"},
+         "sd15_lycoris_loha_tucker_r4a2": {"loha+tucker", "loha"},
+         "sd15_lycoris_lokr_tucker_r4a2": {"lokr"},
+         "sd15_lycoris_lokr_t2_r4a2": {"lokr+tucker", "lokr"}}  # lokr_t2 on the 3x3 convs
 
 
 def _expected(name):
@@ -25,9 +30,7 @@ def test_delta_equals_lycoris_forward(name, tmp_path):
         reference = expected[layer.source_key]
         assert layer.shape == tuple(reference.shape)
         assert float((delta_weight(layer) - reference).norm() / reference.norm()) < 1e-6, layer.source_key
-    kinds = {l.kind_label for l in lora}
-    assert kinds == {"locon+tucker": {"locon+tucker", "lora"}, "loha+tucker": {"loha+tucker", "loha"},
-                     "lokr": {"lokr"}}[name.split("_")[2] + ("+tucker" if "lokr" not in name else "")]
+    assert {l.kind_label for l in lora} == KINDS[name]
     out = tmp_path / "again.safetensors"
     write_lora(lora, out)
     for layer in read_lora(out, arch="sd15"):

@@ -35,15 +35,18 @@ class Block(torch.nn.Module):
 
 
 class TinyUNet(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, channels=(16, 32, 32)):
         super().__init__()
-        self.down_blocks = torch.nn.ModuleList([Block(16, 32), Block(32, 32)])
+        self.down_blocks = torch.nn.ModuleList([Block(a, b) for a, b in zip(channels, channels[1:])])
 
 
 CASES = {
     "sd15_lycoris_locon_tucker_r4a2": dict(algo="locon", use_tucker=True),
     "sd15_lycoris_loha_tucker_r4a2": dict(algo="loha", use_tucker=True),
     "sd15_lycoris_lokr_tucker_r4a2": dict(algo="lokr", use_tucker=True, decompose_both=True, factor=4),
+    # 64 channels: LoKr's second half is small enough next to 64 to be factored, with its Tucker core
+    "sd15_lycoris_lokr_t2_r4a2": dict(algo="lokr", use_tucker=True, decompose_both=True, factor=4,
+                                      channels=(64, 64)),
 }
 
 
@@ -59,7 +62,8 @@ def forward_delta(module, algo: str) -> torch.Tensor:
 def main(out_dir: str) -> None:
     for name, options in CASES.items():
         torch.manual_seed(0)
-        model = TinyUNet()
+        options = dict(options)
+        model = TinyUNet(options.pop("channels", (16, 32, 32)))
         preset = os.path.join(tempfile.mkdtemp(), "preset.toml")  # LyCORIS reads custom presets from TOML
         with open(preset, "w") as fh:
             fh.write('enable_conv = true\ntarget_name = ["*conv1", "*conv2", "*time_emb_proj"]\n'

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from dataclasses import replace
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
 from .. import naming
-from ..delta import delta_weight, effective_down
+from ..delta import delta_weight, effective_down, tucker_half
 from ..errors import LoraError
 from ..metadata import SdScriptsHasher, output_metadata
 from ..model import Layer, LoraFile
@@ -55,6 +55,8 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype 
     for layer, prefix in layers:
         if naming.swapped_halves(layer.name, conv.name):
             layer = _with_output_halves_swapped(layer, prefix)
+        if layer.kind == "lokr" and "t2" in layer.factors:
+            layer = _lokr_tucker_folded(layer)
         factors = dict(layer.factors)
         if "mid" in factors and ("lora", "mid") not in conv.write:
             # no Tucker core in this format: fold it into down (exact), a plain LoCon of the same rank
@@ -76,6 +78,20 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype 
             tensors[prefix + conv.write[(None, "diff_b")]] = _cast(layer.bias_diff, dtype)
     extra_meta = _peft_metadata(peft_ranks, lora) if peft_ranks else {}
     return tensors, extra_meta
+
+
+def _lokr_tucker_folded(layer: Layer) -> Layer:
+    """LoKr with its Tucker core folded into a full second half (exact; LoKr's halves are small).
+
+    ComfyUI 0.3.64 cannot apply ``lokr_t2`` under recent torch (its Kronecker product of the
+    non-contiguous einsum result fails with a view error and the layer is silently skipped), so
+    written files never carry it. A factored first half keeps the alpha/rank rule; with both
+    halves full the host ignores alpha, so the scale is baked into the second half."""
+    factors = {k: v for k, v in layer.factors.items() if k not in ("t2", "w2a", "w2b")}
+    w2 = tucker_half(layer.factors["t2"].float(), layer.factors["w2a"].float(), layer.factors["w2b"].float())
+    folded = replace(layer, factors={**factors, "w2": w2})
+    factors["w2"] = (w2 * (layer.scale / folded.scale)).to(layer.factors["t2"].dtype).contiguous()
+    return replace(folded, factors=factors)
 
 
 def _with_output_halves_swapped(layer: Layer, prefix: str) -> Layer:
