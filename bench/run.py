@@ -46,7 +46,12 @@ def timed(cmd: list[str], cwd: str = ROOT, timeout: int = 1800) -> tuple[float, 
     return (float(timeout), 0.0, 124) if wall >= timeout else (wall, usage.ru_maxrss / 1024, code)
 
 
+ONLY: list[str] = []
+
+
 def scenario(name, cmd, repeat, before=None, cwd=ROOT, timeout=1800):
+    if ONLY and not any(part in name for part in ONLY):
+        return None
     runs = []
     for _ in range(repeat):
         if before:
@@ -64,8 +69,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
     parser.add_argument("--device", help="pass -d DEVICE to our runs (cpu, cuda)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers even when their paths are set")
+    parser.add_argument("--only", nargs="*", help="run only the scenarios whose name contains one of these")
     args = parser.parse_args()
     device = ["-d", args.device] if args.device else []
+    ONLY[:] = args.only or []
     base = os.path.join(args.data, "sdxl_base_synthetic.safetensors")
     r64 = os.path.join(args.data, "sdxl_lora_r64.safetensors")
     r128 = os.path.join(args.data, "sdxl_lora_r128.safetensors")
@@ -120,6 +127,7 @@ def main() -> None:
         results.append(scenario("kohya sv_ratio=2 r64", cmd, 1, clean_out, cwd=kohya,
                                 timeout=int(os.environ.get("KOHYA_TIMEOUT", "900"))))
     shutil.rmtree(out, ignore_errors=True)
+    results = [r for r in results if r is not None]
     with open(args.out, "w") as fh:
         json.dump({"lora_mib": os.path.getsize(r64) / 2**20, "results": results}, fh, indent=1)
     by_name = {r["scenario"]: r for r in results}

@@ -116,48 +116,58 @@ def _select_size(items, recipe, refs, measure, bytes_per_element) -> Selection:
     target = int(recipe.size_mib * MIB)
     all_scores = [score(item, recipe, refs.get(item.key)) for item in items]
     caps = [recipe.rank_cap(item.layer.is_conv) for item in items]
-    # candidate singular values: (score, layer index, position), within each layer's rank cap
-    candidates = []
+    # candidate singular values (score, layer index, position), within each layer's rank cap, best first;
+    # held as flat tensors so a selection of the first `count` is one scatter, not a Python loop
+    scores_list, index_list, pos_list = [], [], []
     for index, (item, scores) in enumerate(zip(items, all_scores)):
-        order = torch.argsort(scores, descending=True)
+        order = torch.argsort(scores, descending=True, stable=True)
         if caps[index] is not None:
             order = order[:caps[index]]
-        candidates.extend((float(scores[pos]), index, int(pos)) for pos in order)
-    candidates.sort(key=lambda c: -c[0])
-    costs = [item.params_per_rank() * bytes_per_element for item in items]
+        scores_list.append(scores[order].to(torch.float64))
+        index_list.append(torch.full((len(order),), index, dtype=torch.int64))
+        pos_list.append(order.to(torch.int64))
+    cand_scores = torch.cat(scores_list) if scores_list else torch.zeros(0, dtype=torch.float64)
+    ranking = torch.sort(-cand_scores, stable=True).indices
+    cand_scores = cand_scores[ranking]
+    cand_index = (torch.cat(index_list) if index_list else torch.zeros(0, dtype=torch.int64))[ranking]
+    cand_pos = (torch.cat(pos_list) if pos_list else torch.zeros(0, dtype=torch.int64))[ranking]
+    ranks = [item.rank for item in items]
+    starts = torch.tensor([0] + ranks[:-1], dtype=torch.int64).cumsum(0)
+    costs = torch.tensor([item.params_per_rank() * bytes_per_element for item in items], dtype=torch.int64)
+    total = len(cand_scores)
 
     def masks_for(count: int) -> dict[str, torch.Tensor]:
-        masks = {item.key: torch.zeros(item.rank, dtype=torch.bool) for item in items}
-        for _, index, pos in candidates[:count]:
-            masks[items[index].key][pos] = True
-        return masks
+        flat = torch.zeros(sum(ranks), dtype=torch.bool)
+        flat[starts[cand_index[:count]] + cand_pos[:count]] = True
+        return {item.key: mask for item, mask in zip(items, torch.split(flat, ranks))}
 
     # Prefix sums of factor bytes give a first guess; the exact size comes from `measure`.
-    prefix = [0]
-    for _, index, _ in candidates:
-        prefix.append(prefix[-1] + costs[index])
-    empty_size = measure(masks_for(0)) if candidates else 0
-    if measure(masks_for(len(candidates))) <= target:
-        return Selection(masks_for(len(candidates)), float("-inf"))
+    prefix = [0] + torch.cumsum(costs[cand_index], 0).tolist()
+    empty_size = measure(masks_for(0)) if total else 0
+    if measure(masks_for(total)) <= target:
+        return Selection(masks_for(total), float("-inf"))
     if empty_size > target:
         raise LoraError(f"size={recipe.size_mib} MiB is smaller than the file's fixed overhead "
                         f"({empty_size / MIB:.3f} MiB of header and metadata)", fix="raise size=")
-    # largest count whose measured size fits: bisect on the monotone measured size
-    low, high = 0, len(candidates)  # measure(low) <= target < measure(high)
-    guess = max(0, min(high - 1, _bisect_bytes(prefix, target - empty_size)))
-    if measure(masks_for(guess)) <= target:
-        low = guess
-    else:
-        high = guess
-    while high - low > 1:
-        middle = (low + high) // 2
-        if high - low > 8 and low == guess:  # the guess is usually within a few ranks: step, then bisect
-            middle = min(high - 1, low + max(1, (high - low) // 16))
-        if measure(masks_for(middle)) <= target:
+    # largest count whose measured size fits. The size is the factor bytes (prefix sums) plus a header
+    # that barely changes with the count, so each measurement corrects the header estimate and the
+    # next guess lands within a rank or two: about four measurements instead of a bisection's twenty.
+    low, high = 0, total  # measure(low) <= target < measure(high)
+    overhead = empty_size
+    for attempt in range(64):
+        if high - low <= 1:
+            break
+        if attempt < 8:
+            middle = min(high - 1, max(low + 1, _bisect_bytes(prefix, target - overhead)))
+        else:  # the guesses stopped converging (never seen): plain bisection
+            middle = (low + high) // 2
+        size = measure(masks_for(middle))
+        overhead = size - prefix[middle]
+        if size <= target:
             low = middle
         else:
             high = middle
-    threshold = candidates[low - 1][0] if low > 0 else float("inf")
+    threshold = float(cand_scores[low - 1]) if low > 0 else float("inf")
     return Selection(masks_for(low), threshold)
 
 
