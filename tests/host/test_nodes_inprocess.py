@@ -147,3 +147,26 @@ def test_node_errors_name_the_problem_and_write_nothing(comfy_hosts, pack, folde
     with pytest.raises(Exception, match="leaves the loras folder"):
         nodes["LoraResize_SaveLoRA"]().save(lora, "../outside", "kohya", "fp16")
     assert sorted(os.listdir(loras_dir)) == ["flux.safetensors"]
+
+
+def test_cancel_stops_a_resize_and_leaves_no_cache_or_file(comfy_hosts, pack, folders):
+    """ComfyUI's Cancel (interrupt flag) ends ResizeLoRA at its next progress step, by the host's own
+    InterruptProcessingException; nothing is cached or saved, and the next run works."""
+    import comfy.model_management
+
+    loras_dir, checkpoints_dir = folders
+    host = comfy_hosts["sdxl"]()
+    save_file(random_lora(host, rank=8, seed=4), str(loras_dir / "cancel.safetensors"))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load("cancel.safetensors")
+    recipe, _ = nodes["LoraResize_ScoreRecipe"]().build(0, 1.0, 0, 0, 0, 0, "thr", -2.0, 1.0, "svd", 0)
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe, model=host.model, clip=host.clip)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not (checkpoints_dir / ".lora_resize_norms.json").exists()
+    assert sorted(p.name for p in loras_dir.rglob("*.safetensors")) == ["cancel.safetensors"]
+    output = nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe, model=host.model, clip=host.clip)
+    assert output["ui"]["lora_resize_chart"][0]["blocks"]
