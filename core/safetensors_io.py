@@ -88,8 +88,40 @@ def load_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> 
     path = str(path)
     header, _ = read_header(path)
     wanted = list(header) if keys is None else list(keys)
-    with safe_open(path, framework="pt", device="cpu") as fh:
-        return {k: fh.get_tensor(k) for k in wanted}
+    if keys is not None:
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            return {k: fh.get_tensor(k) for k in wanted}
+    # The whole file: one read into one buffer, tensors as views of it. safe_open copies every tensor
+    # out of its mmap through Python-level storage slicing (0.9 s for a 442 MiB LoRA against 0.2 s).
+    start = data_start(path)
+    data = bytearray(os.path.getsize(path) - start)
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(start)
+        view, done = memoryview(data), 0
+        while done < len(data):
+            got = fh.readinto(view[done:])
+            if not got:
+                raise LoraError("file ended while reading its tensors", file=path, fix="the file is truncated")
+            done += got
+    out: dict[str, torch.Tensor] = {}
+    odd: list[str] = []
+    for key in wanted:
+        info = header[key]
+        begin, end = info["data_offsets"]
+        dtype = _ST_TO_TORCH.get(info["dtype"])
+        if dtype is None:
+            odd.append(key)  # fp8 and unsigned kinds: safetensors converts them
+        elif end == begin:
+            out[key] = torch.empty(info["shape"], dtype=dtype)
+        elif begin % DTYPE_SIZES[info["dtype"]]:  # misaligned for its type: an aligned copy
+            out[key] = torch.frombuffer(bytearray(view[begin:end]), dtype=dtype).reshape(info["shape"])
+        else:
+            count = (end - begin) // DTYPE_SIZES[info["dtype"]]
+            out[key] = torch.frombuffer(data, dtype=dtype, count=count, offset=begin).reshape(info["shape"])
+    if odd:
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            out.update({k: fh.get_tensor(k) for k in odd})
+    return {k: out[k] for k in wanted}
 
 
 _ST_TO_TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,

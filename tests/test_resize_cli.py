@@ -202,3 +202,24 @@ def test_streamed_write_equals_safetensors_serialization(tmp_path):
     ss_only = serialize(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
     assert meta["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
     assert len(tensors) == 80 * 3
+
+
+def test_whole_file_reads_equal_safetensors_own(tmp_path):
+    """LoRA files are read in one pass into one buffer (tensors are views of it): every tensor equals
+    what safetensors itself loads, also after a misaligned offset, for empty and fp8 tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from core.safetensors_io import load_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.odd": torch.randn(3, generator=g).half(),  # 6 bytes: what follows is misaligned for fp32
+               "b.f32": torch.randn(5, 7, generator=g), "c.bf16": torch.randn(4, 4, generator=g).bfloat16(),
+               "d.empty": torch.zeros(0, 3), "e.i64": torch.arange(5), "f.f8": torch.randn(4, generator=g).to(
+                   torch.float8_e4m3fn)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    ours, theirs = load_tensors(path), load_file(str(path))
+    assert ours.keys() == theirs.keys() == tensors.keys()
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and ours[key].shape == value.shape
+        assert torch.equal(ours[key].float(), value.float()), key
