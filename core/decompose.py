@@ -45,18 +45,19 @@ class Decomposed:
     def rank(self) -> int:
         return int(self.S.shape[0])
 
-    def left(self, keep=slice(None)) -> torch.Tensor:
-        """Columns ``keep`` of U, fp32."""
+    def left(self, keep=slice(None), weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Columns ``keep`` of U (each times ``weights`` when given: folded into the r×k matrix), fp32."""
         if self.dense_U is not None:
-            return self.dense_U[:, keep]
-        up = self.layer.factors["up"].to(torch.float32).flatten(1)
-        return up @ self.M[:, keep]
+            return self.dense_U[:, keep] if weights is None else self.dense_U[:, keep] * weights
+        small = self.M[:, keep] if weights is None else self.M[:, keep] * weights
+        return self.layer.factors["up"].to(torch.float32).flatten(1) @ small
 
-    def right(self, keep=slice(None)) -> torch.Tensor:
-        """Rows ``keep`` of Vh, fp32."""
+    def right(self, keep=slice(None), weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows ``keep`` of Vh (each times ``weights`` when given), fp32."""
         if self.dense_Vh is not None:
-            return self.dense_Vh[keep]
-        return self.N[keep] @ effective_down(self.layer)
+            return self.dense_Vh[keep] if weights is None else weights[:, None] * self.dense_Vh[keep]
+        small = self.N[keep] if weights is None else weights[:, None] * self.N[keep]
+        return small @ effective_down(self.layer)
 
     @property
     def U(self) -> torch.Tensor:

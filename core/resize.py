@@ -61,10 +61,9 @@ def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0,
     if kept == 0:
         return None
     keep = slice(0, kept) if bool(mask[:kept].all()) else mask  # usually the largest values are kept
-    U, S, Vh = item.left(keep), item.S[keep], item.right(keep)
-    root = torch.sqrt(S * rescale)
-    up = U * root
-    down = (root[:, None] * Vh).reshape(kept, *item.in_shape)
+    root = torch.sqrt(item.S[keep] * rescale)  # √σ on each side, folded into the small r×k matrices
+    up = item.left(keep, root)
+    down = item.right(keep, root).reshape(kept, *item.in_shape)
     if item.layer.is_conv:
         up = up.reshape(*up.shape, 1, 1)
     if dtype is not None:
