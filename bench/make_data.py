@@ -128,7 +128,8 @@ def write_base(path: str, unet: dict, te: dict) -> None:
             continue
         if path_.endswith("v_proj"):
             key = root + "attn.in_proj_weight"
-            entries[key] = ("F16", (3 * shape[0], shape[1]), (lambda k=key, s=(3 * shape[0], shape[1]): base_weight(k, s)))
+            fused = (3 * shape[0], shape[1])
+            entries[key] = ("F16", fused, (lambda k=key, s=fused: base_weight(k, s)))
         else:
             name = {"out_proj": "attn.out_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}[path_.rsplit(".", 1)[1]]
             key = root + name + ".weight"

@@ -136,7 +136,8 @@ def _validate(recipe: Recipe, raw_weights: dict[str, float], text: str) -> None:
                   if getattr(recipe, k) is not None]
     if len(selections) > 1:
         names = {"threshold": "thr", "size_mib": "size"}
-        raise LoraError(f"recipe {text!r}: choose one selection, not {' and '.join(names.get(s, s) for s in selections)}",
+        chosen = ' and '.join(names.get(s, s) for s in selections)
+        raise LoraError(f"recipe {text!r}: choose one selection, not {chosen}",
                         fix="use thr=, size=, sv_ratio=, sv_fro= or sv_cumulative= (rank= may cap any of them)")
     if not selections and recipe.rank is None and recipe.conv_rank is None:
         raise LoraError(f"recipe {text!r} has no selection", fix="add thr=-3.5, size=<MiB>, rank=<N> or sv_ratio=<R>")

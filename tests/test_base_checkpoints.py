@@ -14,10 +14,12 @@ def _sdxl_file(path, d=8):
     g = torch.Generator().manual_seed(0)
     in_proj = torch.cat([torch.full((d, d), 1.0), torch.full((d, d), 2.0), torch.full((d, d), 3.0)])
     tensors = {
-        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": torch.randn(16, 16, generator=g),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight":
+            torch.randn(16, 16, generator=g),
         "model.diffusion_model.input_blocks.4.0.in_layers.2.weight": torch.randn(16, 8, 3, 3, generator=g),
         "model.diffusion_model.input_blocks.4.0.in_layers.2.bias": torch.randn(16, generator=g),
-        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": torch.randn(32, 8, generator=g),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight":
+            torch.randn(32, 8, generator=g),
         "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight": in_proj.half(),
         "conditioner.embedders.1.model.transformer.resblocks.3.attn.out_proj.weight": torch.randn(d, d, generator=g),
         "conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_fc.weight": torch.randn(4 * d, d, generator=g),
@@ -45,7 +47,8 @@ def test_sdxl_single_file_names_and_openclip_qkv_order(tmp_path):
     conv = base.weight("diffusion_model.input_blocks.4.0.in_layers.2")
     assert torch.equal(conv, tensors["model.diffusion_model.input_blocks.4.0.in_layers.2.weight"])
     sliced = base.weight("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q", (0, 4, 8))
-    assert torch.equal(sliced, tensors["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"][4:12])
+    q_weight = tensors["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"]
+    assert torch.equal(sliced, q_weight[4:12])
     assert base.shape("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q", (0, 4, 8)) == (8, 16)
 
 

@@ -42,6 +42,7 @@ def test_keep_all_keeps_magnitudes_and_truncation_refits_them():
     refit = apply_recipe(items, parse_recipe("rank=1"), {}, template=lora, dtype=torch.float32, base=base)
     kept = apply_recipe(items, parse_recipe("rank=1"), {}, template=lora, dtype=torch.float32)
     assert "kept as they were" in kept.notes[0]
-    changed = [k for k in lora.layers if not torch.equal(refit.lora.layers[k].dora_scale, kept.lora.layers[k].dora_scale)]
+    changed = [k for k in lora.layers
+               if not torch.equal(refit.lora.layers[k].dora_scale, kept.lora.layers[k].dora_scale)]
     assert len(changed) == len(lora.layers)
     assert _dora_error(lora, refit.lora, base) < _dora_error(lora, kept.lora, base)

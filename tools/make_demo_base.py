@@ -25,7 +25,8 @@ def main(out: str) -> None:
     for layer in read_lora(LORA):
         n, m = layer.shape[0], layer.in_features
         weight = torch.randn(n, m, generator=g) * 0.02
-        weight += (torch.randn(n, 4, generator=g) * torch.tensor([1.0, 0.5, 0.25, 0.12])) @ torch.randn(4, m, generator=g) / m ** 0.5
+        spectrum = torch.tensor([1.0, 0.5, 0.25, 0.12])
+        weight += (torch.randn(n, 4, generator=g) * spectrum) @ torch.randn(4, m, generator=g) / m ** 0.5
         key = ("model." + layer.name if layer.name.startswith("diffusion_model.")
                else "cond_stage_model." + layer.name[len("clip_l."):])
         tensors[key + ".weight"] = weight.reshape(layer.shape).half()

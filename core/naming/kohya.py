@@ -23,7 +23,8 @@ ATOMS: tuple[str, ...] = (
     "final_layer", "adaLN_modulation", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer",
     "out_layer", "query_norm", "key_norm", "linear1_qkv",
     # Flux (diffusers)
-    "single_transformer_blocks", "controlnet_x_embedder", "x_embedder", "context_embedder", "norm_out", "norm1_context", "ff_context",
+    "single_transformer_blocks", "controlnet_x_embedder", "x_embedder", "context_embedder", "norm_out",
+    "norm1_context", "ff_context",
     "to_add_out", "add_q_proj", "add_k_proj", "add_v_proj", "proj_mlp", "time_text_embed", "timestep_embedder",
     "text_embedder", "guidance_embedder", "norm_added_q", "norm_added_k", "norm_q", "norm_k",
     # CLIP / T5

@@ -132,7 +132,8 @@ def test_node_errors_name_the_problem_and_write_nothing(comfy_hosts, pack, folde
     loras_dir, _ = folders
     nodes = pack.NODE_CLASS_MAPPINGS
     with pytest.raises(Exception, match="bad token 'thr=abc'"):
-        nodes["LoraResize_ScoreRecipe"]().build(1.0, 0, 0, 0, 0, 0, "thr", 0, 1.0, "svd", 0, raw_recipe="fro_ckpt,thr=abc")
+        nodes["LoraResize_ScoreRecipe"]().build(1.0, 0, 0, 0, 0, 0, "thr", 0, 1.0, "svd", 0,
+                                                raw_recipe="fro_ckpt,thr=abc")
     flux_lora = os.path.join(ROOT, "tests", "fixtures", "lora", "flux_kohya_r4a1.safetensors")
     (loras_dir / "flux.safetensors").write_bytes(open(flux_lora, "rb").read())
     lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load("flux.safetensors")
