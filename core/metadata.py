@@ -46,17 +46,6 @@ class SdScriptsHasher:
         return self.model.hexdigest(), self.legacy.hexdigest()[:8]
 
 
-def sd_scripts_hashes(tensors, ss_metadata: Mapping[str, str]) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts' precalculate_safetensors_hashes computes
-    them, from the tensors without serializing them."""
-    from .safetensors_io import data_chunks, header_size
-
-    hasher = SdScriptsHasher(header_size(tensors, ss_metadata))
-    for chunk in data_chunks(tensors):
-        hasher.update(chunk)
-    return hasher.digests()
-
-
 def kept_metadata(source: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in source.items() if k.startswith(_KEPT_PREFIXES) and k not in _STALE}
 

@@ -17,7 +17,6 @@ from typing import BinaryIO, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as _st_save_bytes
 
 from .errors import LoraError
 
@@ -163,11 +162,6 @@ def read_rows(path: str, info: Mapping, start: int, rows: Optional[tuple[int, in
     return torch.frombuffer(out, dtype=_ST_TO_TORCH[dtype]).reshape(count, *shape[1:])
 
 
-def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """The exact bytes a safetensors file of these tensors would hold."""
-    return _st_save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata))
-
-
 # safetensors orders tensors by dtype (its enum order, descending), then by name
 _DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
                 "I64", "U64"]
@@ -199,7 +193,7 @@ def _header_and_data_size(specs, metadata) -> tuple[int, int]:
 
 
 def safetensors_size(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> int:
-    """Exact size of the file ``serialize`` would produce for tensors of these dtypes and shapes."""
+    """Exact size of a safetensors file of tensors of these dtypes and shapes (as written here)."""
     header, data = _header_and_data_size(specs, metadata)
     return header + data
 

@@ -159,8 +159,10 @@ def test_sd_scripts_hashes_match_a_real_serialization():
     """Our streamed hashes equal hashes of the bytes sd-scripts would hash (ss_* metadata only)."""
     import hashlib
 
-    from core.metadata import sd_scripts_hashes
-    from core.safetensors_io import serialize
+    from safetensors.torch import save as serialize
+
+    from core.metadata import SdScriptsHasher
+    from core.safetensors_io import data_chunks, header_size
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a.lora_up.weight": torch.randn(700, 300, generator=g).half(),
@@ -168,7 +170,10 @@ def test_sd_scripts_hashes_match_a_real_serialization():
     meta = {"ss_network_dim": "300", "ss_note": "é" * 50}
     data = serialize(tensors, meta)
     header = int.from_bytes(data[:8], "little")
-    assert sd_scripts_hashes(tensors, meta) == (hashlib.sha256(data[8 + header:]).hexdigest(),
+    hasher = SdScriptsHasher(header_size(tensors, meta))
+    for chunk in data_chunks(tensors):
+        hasher.update(chunk)
+    assert hasher.digests() == (hashlib.sha256(data[8 + header:]).hexdigest(),
                                                 hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8])
 
 
@@ -179,9 +184,9 @@ def test_streamed_write_equals_safetensors_serialization(tmp_path):
     import hashlib
 
     from safetensors import safe_open
+    from safetensors.torch import save as serialize  # safetensors' own serialization, the reference
 
     from core.formats import write_lora
-    from core.safetensors_io import serialize
     from tests.helpers import synthetic_lora
 
     lora = synthetic_lora(count=80, rank=48)
