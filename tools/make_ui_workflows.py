@@ -38,8 +38,23 @@ def depths(api: dict) -> dict[str, int]:
     return memo
 
 
+def orders(api: dict, columns: dict[str, int]) -> dict[str, float]:
+    """Vertical order within each column: the barycentre of a node's inputs' places (the usual
+    layered-graph heuristic), so each branch of a graph (A and B of the preview) stays in its row."""
+    place: dict[str, float] = {}
+    for column in sorted(set(columns.values())):
+        nodes = [n for n in api if columns[n] == column]
+        def key(node_id: str) -> tuple[float, int]:
+            sources = [place[str(v[0])] for v in api[node_id]["inputs"].values()
+                       if isinstance(v, list) and str(v[0]) in place]
+            return (sum(sources) / len(sources) if sources else float(int(node_id)), int(node_id))
+        for rank, node_id in enumerate(sorted(nodes, key=key)):
+            place[node_id] = rank
+    return place
+
+
 LAYOUT = """
-const [api, name, columns, gap] = arguments;
+const [api, name, columns, gap, order] = arguments;
 await window.app.loadApiJson(api, name);
 const byColumn = {};
 for (const node of window.app.graph._nodes) {
@@ -50,7 +65,7 @@ for (const node of window.app.graph._nodes) {
 let x = 40;
 for (const index of Object.keys(byColumn).map(Number).sort((a, b) => a - b)) {
   let y = 60, width = 0;
-  for (const node of byColumn[index].sort((a, b) => a.id - b.id)) {
+  for (const node of byColumn[index].sort((a, b) => order[String(a.id)] - order[String(b.id)])) {
     const [w, h] = node.computeSize();
     node.size = [Math.max(node.size[0], w), Math.max(node.size[1], h)];
     node.pos = [x, y];
@@ -74,7 +89,8 @@ def main() -> None:
             with open(path) as fh:
                 api = json.load(fh)
             name = os.path.basename(path).replace("_api.json", ".json")
-            graph = json.loads(browser.run(LAYOUT, api, name, depths(api), GAP))
+            columns = depths(api)
+            graph = json.loads(browser.run(LAYOUT, api, name, columns, GAP, orders(api, columns)))
             out = os.path.join(os.path.dirname(path), name)
             with open(out, "w") as fh:
                 json.dump(graph, fh, indent=1)
