@@ -9,7 +9,6 @@ full (or, for a fixed target rank, randomized) SVD of ΔW.
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .buffers import GrowBuffers
 from .delta import delta_weight, effective_down
 from .formats.reader import layer_key
 from .model import Layer, LoraFile
@@ -84,25 +84,13 @@ def _is_dense(layer: Layer) -> bool:
     return layer.rank > min(layer.out_features, layer.in_features) / 2
 
 
-class _Workspace:
-    """Grow-only buffers reused across batches: a fresh large allocation is mmapped and page-faulted
-    on every batch, which costs more than the copy into it."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def stacked(self, slot: str, tensors: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
-        """[batch, rows, cols] of 2-D tensors, converted in one copy each."""
-        shape = (len(tensors), *tensors[0].shape)
-        numel = math.prod(shape)
-        key = (slot, dtype, str(device))
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        out = buffer[:numel].view(shape)
-        for i, tensor in enumerate(tensors):
-            out[i].copy_(tensor)
-        return out
+def _stacked(buffers: GrowBuffers, key: str, tensors: list[torch.Tensor], dtype: torch.dtype,
+             device) -> torch.Tensor:
+    """[batch, rows, cols] of 2-D tensors in a reused buffer, converted in one copy each."""
+    out = buffers.take(key, (len(tensors), *tensors[0].shape), dtype, device)
+    for i, tensor in enumerate(tensors):
+        out[i].copy_(tensor)
+    return out
 
 
 def _gram_factor(gram: torch.Tensor) -> torch.Tensor | None:
@@ -135,12 +123,12 @@ def _triangular_factor(factors: torch.Tensor, transposed: bool = False) -> torch
     return r
 
 
-def _factored_batch(layers: list[Layer], device, workspace: _Workspace) -> list[tuple]:
+def _factored_batch(layers: list[Layer], device, buffers: GrowBuffers) -> list[tuple]:
     """Per layer (S, M, N) with U = B·M and Vh = N·A, or (S, U, Vh) when a factor is rank-deficient."""
     gram_dtype = torch.float64 if device.type == "cpu" else torch.float32
     downs_flat = [effective_down(l) if "mid" in l.factors else l.factors["down"].flatten(1) for l in layers]
-    ups = workspace.stacked("up", [l.factors["up"].flatten(1) for l in layers], gram_dtype, device)
-    downs = workspace.stacked("down", downs_flat, gram_dtype, device)
+    ups = _stacked(buffers, "up", [l.factors["up"].flatten(1) for l in layers], gram_dtype, device)
+    downs = _stacked(buffers, "down", downs_flat, gram_dtype, device)
     scales = torch.tensor([l.scale for l in layers], dtype=torch.float32, device=device)
     r_b = _triangular_factor(ups)  # B = Q_b R_b
     r_a = _triangular_factor(downs, transposed=True)  # Aᵀ = Q_a R_a
@@ -201,13 +189,13 @@ def decompose(lora: LoraFile | Iterable[Layer], *, device: torch.device | str | 
             groups[(layer.out_features, layer.in_features, layer.rank)].append(layer)
     total, done = len(layers), 0
     results: dict[str, Decomposed] = {}
-    workspace = _Workspace()
+    buffers = GrowBuffers()
     for (out_features, in_features, rank), group in groups.items():
         # at most 64 layers and ~16M elements per factor stack: bounded memory for wide layers
         batch_limit = max(1, min(64, (1 << 24) // (max(out_features, in_features) * rank)))
         for start in range(0, len(group), batch_limit):
             chunk = group[start:start + batch_limit]
-            for layer, (form, S, first, second) in zip(chunk, _factored_batch(chunk, device, workspace)):
+            for layer, (form, S, first, second) in zip(chunk, _factored_batch(chunk, device, buffers)):
                 if form == "dense":
                     item = Decomposed(layer_key(layer), layer, S, dense_U=first, dense_Vh=second)
                 else:
