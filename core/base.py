@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import re
+import threading
 from collections import defaultdict
 from typing import Iterable, Mapping, Optional
 
@@ -84,7 +85,14 @@ class SafetensorsBase(BaseWeights):
         self.label = label
         self.fingerprint = fingerprint
         self._starts: dict[str, int] = {}
-        self._buffers = GrowBuffers()
+        self._local = threading.local()  # read buffers per thread: norms are computed by several
+
+    @property
+    def _buffers(self) -> GrowBuffers:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = GrowBuffers()
+        return buffers
 
     def names(self) -> set[str]:
         return set(self.pieces)
@@ -103,7 +111,8 @@ class SafetensorsBase(BaseWeights):
         return _rows((rows, *first[1:]), offset)
 
     def weight(self, name: str, offset: Offset = None, device=None, reuse: bool = False) -> torch.Tensor:
-        """fp32 weight (rows sliced by ``offset``), reading only those rows from disk."""
+        """fp32 weight (rows sliced by ``offset``), reading only those rows from disk. Safe to call
+        from several threads; ``reuse`` buffers are per thread."""
         plan = []  # (path, entry, first row, row count)
         skip = offset[1] if offset else 0
         want = offset[2] if offset else None

@@ -1,5 +1,6 @@
 """Base checkpoints by canonical name: SGM, SD1.5, OpenCLIP q/k/v order, Flux, diffusers folders."""
 import os
+import time
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from safetensors.torch import save_file
 
 from core.base import StateDictBase, open_base
 from core.errors import LoraError
-from core.norms import frobenius_norm, spectral_norm
+from core.norms import frobenius_norm, reference_norms, spectral_norm
 
 
 def _sdxl_file(path, d=8):
@@ -149,3 +150,59 @@ def test_conv_weights_are_flattened_and_state_dict_base():
     base = StateDictBase({"x": w}, fingerprint="f")
     assert base.shape("x", (0, 8, 8)) == (8, 16, 3, 3)
     assert torch.equal(base.weight("x", (0, 8, 8)), w[8:16])
+
+
+def _many_layer_checkpoint(path, count=24):
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"model.diffusion_model.input_blocks.{i}.1.proj_in.weight":
+               (torch.randn(48 + 8 * (i % 3), 40, generator=g) * (1 + i)).half() for i in range(count)}
+    save_file(tensors, str(path))
+    return tensors
+
+
+def test_threaded_reference_norms_equal_one_layer_at_a_time(tmp_path, monkeypatch):
+    """The worker threads read into their own buffers: every layer gets its own weight's norms,
+    and progress still counts up in order on the calling thread."""
+    import threading
+
+    import core.norms as norms
+
+    tensors = _many_layer_checkpoint(tmp_path / "many.safetensors")
+    base = open_base(str(tmp_path / "many.safetensors"))
+    targets = [(k[len("model."):-len(".weight")], None) for k in tensors]
+    calls = []
+    caller = threading.get_ident()
+    monkeypatch.setattr(norms, "MAX_WORKERS", 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    got = reference_norms(base, targets, progress=lambda d, t: calls.append((d, t, threading.get_ident())))
+    assert calls == [(d, len(targets), caller) for d in range(1, len(targets) + 1)]
+    for (name, _), w in zip(targets, tensors.values()):
+        exact = torch.linalg.matrix_norm(w.float(), 2).item()
+        assert abs(got[(name, None)]["spectral"] - exact) <= 1e-3 * exact
+        assert abs(got[(name, None)]["frobenius"] - w.float().norm().item()) <= 1e-5 * w.float().norm().item()
+
+
+def test_a_cancel_from_progress_stops_the_queued_layers(tmp_path, monkeypatch):
+    import core.norms as norms
+
+    tensors = _many_layer_checkpoint(tmp_path / "many.safetensors", count=40)
+    base = open_base(str(tmp_path / "many.safetensors"))
+    targets = [(k[len("model."):-len(".weight")], None) for k in tensors]
+    measured = []
+    real = norms.spectral_norm
+
+    def slow(w, **k):  # 20 ms a layer, so the workers cannot race through all 40 before the cancel
+        measured.append(1)
+        time.sleep(0.02)
+        return real(w, **k)
+
+    monkeypatch.setattr(norms, "spectral_norm", slow)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+    def cancel(done, total):
+        if done == 3:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        reference_norms(base, targets, progress=cancel)
+    assert 3 <= len(measured) <= 6  # the running layers finish, the queued ones never start
