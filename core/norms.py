@@ -76,6 +76,13 @@ def frobenius_norm(weight: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(weight.to(torch.float32)))
 
 
+def _workers(device, layers: int) -> int:
+    """One per torch thread on the CPU (at most MAX_WORKERS); two on a GPU, where one worker's
+    Python overlaps the other's kernels and each fp32 layer copy costs VRAM the host may need."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return max(1, min(MAX_WORKERS if on_cpu else 2, torch.get_num_threads(), layers))
+
+
 def reference_norms(base: BaseWeights, targets: Iterable[tuple[str, Offset]], *,
                     kinds: tuple[str, ...] = ("spectral", "frobenius"), device=None,
                     cache: Optional[NormCache] = None,
@@ -103,8 +110,7 @@ def reference_norms(base: BaseWeights, targets: Iterable[tuple[str, Offset]], *,
 
     if not todo:
         return out
-    pool = ThreadPoolExecutor(max_workers=max(1, min(MAX_WORKERS, torch.get_num_threads(), len(todo))),
-                              thread_name_prefix="lora-resize-norms")
+    pool = ThreadPoolExecutor(max_workers=_workers(device, len(todo)), thread_name_prefix="lora-resize-norms")
     try:
         futures = [pool.submit(measure, target) for target in todo]
         for done, (target, future) in enumerate(zip(todo, futures), 1):

@@ -215,3 +215,13 @@ def test_spectral_norm_of_pure_noise_is_not_stopped_short(seed):
     w = torch.randn(1280, 1280, generator=torch.Generator().manual_seed(seed))
     exact = float(torch.linalg.matrix_norm(w.double(), ord=2))
     assert abs(spectral_norm(w, seed=seed) - exact) <= 1e-3 * exact
+
+
+def test_norm_workers_follow_torch_threads_and_stay_at_two_on_a_gpu(monkeypatch):
+    from core.norms import MAX_WORKERS, _workers
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert [_workers(None, 100), _workers("cpu", 100), _workers("cuda", 100), _workers("cpu", 3)] == \
+        [MAX_WORKERS, MAX_WORKERS, 2, 3]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # OMP_NUM_THREADS=1: one worker
+    assert _workers("cpu", 100) == 1
