@@ -1,4 +1,4 @@
-"""Reading and writing safetensors files safely: validate before trusting, write atomically.
+"""Reading and writing safetensors files safely: validate before trusting (writes: core/atomic.py).
 
 The header is checked by hand before safetensors touches the file, so a truncated, empty or
 hostile file (or a pickle renamed .safetensors) gets a :class:`LoraError` naming it instead of a
@@ -10,10 +10,8 @@ import json
 import math
 import os
 import struct
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import BinaryIO, Optional
+from collections.abc import Iterable, Mapping
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -217,42 +215,3 @@ def header_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     """The 8-byte length and padded JSON header that precede ``data_chunks(tensors)`` in a file."""
     text, _ = _header_text({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)
     return struct.pack("<Q", len(text)) + text
-
-
-def atomic_write(fill: Callable[[BinaryIO], object], path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Let ``fill`` write a temporary file beside ``path``, then rename: a crash (or an exception in
-    ``fill``) never leaves a partial file.
-
-    Refuses to replace an existing file unless ``overwrite``; the refusal is decided atomically
-    (a hard link), so two writers racing for one name cannot both win.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not overwrite:
-        raise LoraError("output file already exists", file=str(target),
-                        fix="choose another name or ask to overwrite (--overwrite)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved LoRA is an ordinary file
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fill(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)
-            except FileExistsError as exc:
-                raise LoraError("output file already exists", file=str(target),
-                                fix="choose another name or ask to overwrite (--overwrite)") from exc
-            except OSError:  # file systems without hard links: best effort
-                if target.exists():
-                    raise LoraError("output file already exists", file=str(target),
-                                    fix="choose another name or ask to overwrite (--overwrite)")
-                os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -34,3 +34,15 @@ def dense_delta(layer: Layer) -> torch.Tensor:
     from core.delta import delta_weight
 
     return delta_weight(layer).flatten(1).double()
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose prerequisite (host, browser, seed tool) is missing, unless CI requires it:
+    under ``.ci/run`` with CI=true a missing prerequisite is a failure, never a silent skip."""
+    import os
+
+    import pytest
+
+    if os.environ.get("LORA_RESIZE_REQUIRE_HOST") == "1":
+        pytest.fail(f"required by CI but missing: {reason}")
+    pytest.skip(reason)

@@ -14,11 +14,17 @@ from safetensors.torch import save_file
 
 from core.cli import main
 from core.formats import read_lora
+from tests.helpers import skip_or_fail
 
 SEED = os.environ.get("ELIAS_RESIZE_LORA")
-pytestmark = pytest.mark.skipif(not SEED or not os.path.isfile(os.path.join(SEED or "", "resize_lora.py")),
-                                reason="seed tool not available: set ELIAS_RESIZE_LORA to a checkout of "
-                                       "elias-gaeros/resize_lora to compare ranks with it")
+
+
+@pytest.fixture(autouse=True)
+def _seed_tool():
+    if not SEED or not os.path.isfile(os.path.join(SEED, "resize_lora.py")):
+        skip_or_fail("seed tool not available: set ELIAS_RESIZE_LORA to a checkout of elias-gaeros/resize_lora "
+                     "to compare ranks with it")
+
 
 UNET = {"input_blocks.4.1.transformer_blocks.0.attn1.to_q": (64, 64),
         "input_blocks.4.1.transformer_blocks.0.ff.net.2": (64, 256),

@@ -20,8 +20,8 @@ from ..delta import delta_weight, effective_down, tucker_half
 from ..errors import LoraError
 from ..metadata import SdScriptsHasher, output_metadata
 from ..model import Layer, LoraFile
+from ..atomic import atomic_write
 from ..safetensors_io import (
-    atomic_write,
     data_chunks,
     header_bytes,
     header_size,

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.helpers import skip_or_fail
 from tests.host import browser
 from tests.host.server import ROOT, TINY_LORA, WORKFLOWS
 
@@ -19,7 +20,7 @@ UI_WORKFLOWS = sorted(name for name in os.listdir(WORKFLOWS) if name.endswith(".
 def page(server):
     reason = browser.missing()
     if reason:
-        pytest.skip(f"browser test: {reason}")
+        skip_or_fail(f"browser test: {reason}")
     with browser.Browser() as chromium:
         chromium.open_comfy(server["url"])
         yield chromium
