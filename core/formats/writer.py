@@ -16,11 +16,11 @@ from dataclasses import replace
 import torch
 
 from .. import naming
+from ..atomic import atomic_write
 from ..delta import delta_weight, effective_down, tucker_half
 from ..errors import LoraError
 from ..metadata import SdScriptsHasher, output_metadata
 from ..model import Layer, LoraFile
-from ..atomic import atomic_write
 from ..safetensors_io import (
     data_chunks,
     header_bytes,
