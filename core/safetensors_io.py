@@ -1,8 +1,9 @@
 """Reading and writing safetensors files safely: validate before trusting (writes: core/atomic.py).
 
-The header is checked by hand before safetensors touches the file, so a truncated, empty or
-hostile file (or a pickle renamed .safetensors) gets a :class:`LoraError` naming it instead of a
-Rust panic or, worse, an unpickle. Nothing here ever calls ``torch.load``.
+The header is checked by hand, as strictly as the safetensors library checks it, before anything
+touches the data, so a truncated, empty or hostile file (or a pickle renamed .safetensors) gets a
+:class:`LoraError` naming it and the tensor instead of a traceback, a Rust panic or, worse, an
+unpickle. Nothing here ever calls ``torch.load``.
 """
 from __future__ import annotations
 
@@ -20,17 +21,44 @@ from .errors import LoraError
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+# safetensors' dtype names and torch's: fp8 included (ComfyUI ships fp8 checkpoints and LoRAs); an old
+# torch without some of these types reads such files as an unknown dtype
+_ST_TO_TORCH = {name: getattr(torch, attr) for name, attr in (
+    ("F16", "float16"), ("BF16", "bfloat16"), ("F32", "float32"), ("F64", "float64"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+    ("U64", "uint64")) if hasattr(torch, attr)}
+_TORCH_TO_ST = {dtype: name for name, dtype in _ST_TO_TORCH.items()}
+# safetensors orders tensors by dtype (its enum order, descending), then by name
+_DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+                "I64", "U64"]
+_MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
+_MAX_EXTENT = 2**63 - 1  # the largest tensor torch can describe (its sizes and strides are int64)
 _PICKLE_MAGICS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+_CORRUPT = "the file is corrupt or was written by a broken tool; get it again or re-save it with safetensors"
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
     """Validated header of a safetensors file: ({key: {dtype, shape, data_offsets}}, metadata).
 
-    Raises LoraError for anything that is not a well-formed safetensors file, without reading the
-    tensor data.
+    As strict as the safetensors library (``SafeTensors::read_metadata`` and ``validate``), so a
+    file accepted here is one ComfyUI can load too: UTF-8 JSON of at most 100 MB, ``__metadata__`` a
+    map of strings to strings, known dtypes, shapes and offsets of non-negative integers, and tensor
+    data that covers the data section exactly (no overlap, no gap, nothing after the last tensor).
+    Raises LoraError naming the file (and the tensor) for anything else, without reading tensor data.
     """
     path = str(path)
+    raw, data_len = _raw_header(path)
+    header = _parse_json(path, raw)
+    metadata = _check_metadata(path, header.pop("__metadata__", None))
+    for key, info in header.items():
+        _check_entry(path, key, info)
+    _check_layout(path, header, data_len)
+    return header, metadata
+
+
+def _raw_header(path: str) -> tuple[bytes, int]:
+    """(header JSON bytes, length of the data section), after the size and pickle checks."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
@@ -43,47 +71,153 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str
                                 "because it can run code", file=path,
                                 fix="use the .safetensors version of this LoRA, or convert it with a tool you trust")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > _MAX_HEADER or header_len > size - 8:
+            if header_len > _MAX_HEADER and header_len <= size - 8:
+                raise LoraError(f"header of {header_len:,} bytes is over the {_MAX_HEADER:,}-byte limit of "
+                                "safetensors", file=path, fix="this is not a safetensors file ComfyUI can load; "
+                                "re-save it with safetensors (keep long texts out of its metadata)")
+            if header_len > size - 8:
                 raise LoraError(f"header length {header_len} runs past the end of the {size}-byte file",
                                 file=path, fix="the file is truncated or not a safetensors file; get it again")
             raw = fh.read(header_len)
     except OSError as exc:
         raise LoraError(f"cannot read file ({exc.strerror or exc})", file=path,
                         fix="check the path and its permissions") from exc
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LoraError(f"header is not valid safetensors JSON ({exc})", file=path,
-                        fix="the file is corrupt or not a safetensors file") from exc
-    metadata = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - header_len
-    for key, info in header.items():
-        _check_entry(path, key, info, data_len)
-    return header, {str(k): str(v) for k, v in metadata.items()}
+    return raw, size - 8 - header_len
 
 
-def _check_entry(path: str, key: str, info: object, data_len: int) -> None:
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """JSON object hook: a key given twice is refused (safetensors silently keeps the last one)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(path: str, raw: bytes) -> dict:
     try:
-        dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]  # type: ignore[index]
-    except (TypeError, KeyError, ValueError) as exc:
-        raise LoraError("malformed tensor entry in header", file=path, layer=key,
-                        fix="the file is corrupt; get it again") from exc
-    if dtype not in DTYPE_SIZES:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except RecursionError:  # the C scanner counts its depth: no stack overflow, just this
+        raise LoraError("header JSON is nested too deeply (a safetensors header is at most three levels deep)",
+                        file=path, fix=_CORRUPT) from None
+    except _Duplicate as exc:
+        raise LoraError(f"header names {str(exc)!r} twice", file=path, layer=_printable(str(exc)),
+                        fix=_CORRUPT) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, bad UTF-8, an int of 5000 digits
+        raise LoraError(f"header is not valid safetensors JSON ({_printable(str(exc))[:200]})", file=path,
+                        fix="the file is corrupt or not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise LoraError(f"header is a JSON {_json_type(header)}, not an object", file=path,
+                        fix="the file is corrupt or not a safetensors file")
+    for key in header:
+        _check_text(path, key, "tensor name")
+    return header
+
+
+def _check_metadata(path: str, metadata: object) -> dict[str, str]:
+    """``__metadata__`` as safetensors defines it: absent, null or a map of strings to strings."""
+    fix = "re-save the file with safetensors; its metadata must map text keys to text values"
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise LoraError(f"__metadata__ is a JSON {_json_type(metadata)}, not a map of strings to strings",
+                        file=path, fix=fix)
+    for key, value in metadata.items():
+        _check_text(path, key, "metadata key")
+        if not isinstance(value, str):
+            raise LoraError(f"metadata entry {_printable(key)!r} is a JSON {_json_type(value)}, not a string",
+                            file=path, fix=fix)
+        _check_text(path, value, f"metadata entry {_printable(key)!r}")
+    return dict(metadata)
+
+
+def _check_text(path: str, text: str, what: str) -> None:
+    """JSON lets a string hold half a surrogate pair (``\\ud800``); UTF-8, and so safetensors, does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LoraError(f"{what} {_printable(text)!r} holds an unpaired UTF-16 surrogate", file=path,
+                        fix=_CORRUPT) from None
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _is_size(value: object) -> bool:
+    """A JSON integer ≥ 0 (safetensors' usize): not a bool, a float such as 2.0, a string or a negative."""
+    return type(value) is int and value >= 0
+
+
+def _check_entry(path: str, key: str, info: object) -> None:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise LoraError("malformed tensor entry in header (needs dtype, shape and data_offsets)", file=path,
+                        layer=key, fix=_CORRUPT)
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_TO_TORCH:
         raise LoraError(f"unknown dtype {dtype!r}", file=path, layer=key, fix="re-save the LoRA in fp16/bf16/fp32")
-    if end > data_len or start > end or start < 0:
-        raise LoraError(f"tensor data [{start}:{end}] lies past the end of the file's {data_len} data bytes",
-                        file=path, layer=key, fix="the file is truncated; get it again")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise LoraError(f"shape {shape!r} is not a list of integers ≥ 0", file=path, layer=key, fix=_CORRUPT)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+        raise LoraError(f"data_offsets {offsets!r} are not two integers ≥ 0", file=path, layer=key, fix=_CORRUPT)
+    start, end = offsets
+    if start > end:
+        raise LoraError(f"data_offsets [{start}, {end}] end before they start", file=path, layer=key, fix=_CORRUPT)
+    extent = DTYPE_SIZES[dtype]
+    for dim in shape:  # zeros aside: [0, 2**70] has no data but no tensor can have that shape either
+        extent *= max(dim, 1)
+        if extent > _MAX_EXTENT:
+            raise LoraError(f"shape {shape} {dtype} is too large for any tensor", file=path, layer=key,
+                            fix=_CORRUPT)
     if math.prod(shape) * DTYPE_SIZES[dtype] != end - start:
         raise LoraError(f"tensor of shape {shape} {dtype} does not fit its {end - start} bytes", file=path,
-                        layer=key, fix="the file is corrupt; get it again")
+                        layer=key, fix=_CORRUPT)
 
 
-def load_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a validated file, as stored (no dtype conversion); all of them unless ``keys``."""
+def _check_layout(path: str, header: Mapping[str, Mapping], data_len: int) -> None:
+    """The tensors' bytes, sorted by offset, cover the data section exactly, as safetensors requires."""
+    spans = sorted((tuple(info["data_offsets"]), key) for key, info in header.items())
+    for (start, end), key in spans:
+        if end > data_len:
+            raise LoraError(f"tensor data [{start}:{end}] lies past the end of the file's {data_len} data bytes",
+                            file=path, layer=key, fix="the file is truncated; get it again")
+    position, previous = 0, None
+    for (start, end), key in spans:
+        if start < position:
+            raise LoraError(f"tensor data [{start}:{end}] overlaps that of {previous} (which ends at {position})",
+                            file=path, layer=key, fix=_CORRUPT)
+        if start > position:
+            after = f"after {previous}" if previous else "at the start of the data"
+            raise LoraError(f"{start - position} bytes {after} belong to no tensor (a gap; safetensors "
+                            "requires tensor data to be contiguous)", file=path, layer=key, fix=_CORRUPT)
+        position, previous = end, key
+    if position < data_len:
+        raise LoraError(f"{data_len - position} bytes after the last tensor belong to no tensor (safetensors "
+                        "rejects a file its header does not cover)", file=path, layer=previous, fix=_CORRUPT)
+
+
+def load_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None,
+                 header: Mapping[str, Mapping] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a validated file, as stored (no dtype conversion); all of them unless ``keys``.
+
+    ``header``: what :func:`read_header` returned for this file, so it is not parsed twice."""
     path = str(path)
-    header, _ = read_header(path)
+    if header is None:
+        header, _ = read_header(path)
     wanted = list(header) if keys is None else list(keys)
     if keys is not None:
         with safe_open(path, framework="pt", device="cpu") as fh:
@@ -102,29 +236,18 @@ def load_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> 
                 raise LoraError("file ended while reading its tensors", file=path, fix="the file is truncated")
             done += got
     out: dict[str, torch.Tensor] = {}
-    odd: list[str] = []
     for key in wanted:
         info = header[key]
         begin, end = info["data_offsets"]
-        dtype = _ST_TO_TORCH.get(info["dtype"])
-        if dtype is None:
-            odd.append(key)  # fp8 and unsigned kinds: safetensors converts them
-        elif end == begin:
+        dtype = _ST_TO_TORCH[info["dtype"]]
+        if end == begin:
             out[key] = torch.empty(info["shape"], dtype=dtype)
         else:
             raw = data[begin:end]
             if begin % DTYPE_SIZES[info["dtype"]]:
                 raw = raw.clone()  # misaligned for its type: an aligned copy
             out[key] = raw.view(dtype).reshape(info["shape"])
-    if odd:
-        with safe_open(path, framework="pt", device="cpu") as fh:
-            out.update({k: fh.get_tensor(k) for k in odd})
-    return {k: out[k] for k in wanted}
-
-
-_ST_TO_TORCH = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
+    return out
 
 
 def data_start(path: str | os.PathLike) -> int:
@@ -161,16 +284,16 @@ def read_rows(path: str, info: Mapping, start: int, rows: Optional[tuple[int, in
     return torch.frombuffer(out, dtype=_ST_TO_TORCH[dtype]).reshape(count, *shape[1:])
 
 
-# safetensors orders tensors by dtype (its enum order, descending), then by name
-_DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
-                "I64", "U64"]
-_TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
+def _st_dtype(dtype: torch.dtype, key: str) -> str:
+    try:
+        return _TORCH_TO_ST[dtype]
+    except KeyError:
+        raise LoraError(f"{dtype} has no safetensors dtype", layer=key, fix="write in fp16, bf16 or fp32 (-t 16, "
+                        "bf16 or 32)") from None
 
 
 def _ordered(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...], str]]:
-    entries = [(_TORCH_TO_ST[dtype], tuple(shape), key) for key, (dtype, shape) in specs.items()]
+    entries = [(_st_dtype(dtype, key), tuple(shape), key) for key, (dtype, shape) in specs.items()]
     return sorted(entries, key=lambda e: (-_DTYPE_ORDER.index(e[0]), e[2]))
 
 

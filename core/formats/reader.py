@@ -32,7 +32,7 @@ def read_lora(path: str | os.PathLike, arch: Optional[str] = None) -> LoraFile:
     """Read a LoRA file; ``arch`` overrides architecture detection ("sd15", "sdxl", "flux")."""
     path = str(path)
     header, metadata = read_header(path)
-    tensors = load_tensors(path)
+    tensors = load_tensors(path, header=header)
     try:
         return lora_from_state_dict(tensors, metadata, arch=arch, path=path)
     except LoraError as exc:
@@ -68,7 +68,7 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
                         file=label, fix="this is not a LoRA file in a format this tool reads")
 
     architecture = arch or naming.detect_architecture(groups.keys(), metadata)
-    peft_alphas = _PeftAlphas(metadata)
+    peft_alphas = _PeftAlphas(metadata, label)
     layers: dict[str, Layer] = {}
     for prefix, roles in groups.items():
         layer = _build_layer(prefix, roles, architecture, peft_alphas, label)
@@ -86,11 +86,31 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
                     metadata=dict(metadata), path=path, unknown_keys=sorted(unknown))
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """One reduction instead of an elementwise mask: a NaN or Inf anywhere makes the sum non-finite
-    (fp16/bf16 sums in fp32 and fp32 in fp64 cannot overflow for any sane factor)."""
-    wide = torch.float64 if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+def _finite_in_fp32(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite and stays so in fp32, where all the maths runs.
+
+    One reduction instead of an elementwise mask: a NaN or Inf anywhere makes the sum non-finite
+    (fp8/fp16/bf16 sums in fp32 and fp32 sums in fp64 cannot overflow for any sane factor). fp64 is
+    checked by its largest magnitude, which must fit fp32 (a NaN fails the comparison)."""
+    if tensor.dtype == torch.float64:
+        return float(tensor.abs().max()) <= torch.finfo(torch.float32).max
+    wide = torch.float64 if tensor.dtype == torch.float32 else torch.float32
     return bool(torch.isfinite(tensor.sum(dtype=wide)))
+
+
+def _check_values(role: str, tensor: torch.Tensor, factor: bool, label: str, prefix: str) -> None:
+    """A stored tensor that is empty, not a float, or holds a NaN/Inf is refused here, naming its layer."""
+    what = f"factor {role}" if factor else role
+    if not tensor.is_floating_point():
+        raise LoraError(f"{what} has dtype {str(tensor.dtype).replace('torch.', '')}, not a float", file=label,
+                        layer=prefix, fix="the file is corrupt; re-export it")
+    if not tensor.numel():
+        rank0 = ": a rank-0 layer changes nothing and cannot be resized" if factor else ""
+        raise LoraError(f"{what} is empty (shape {list(tensor.shape)}){rank0}", file=label, layer=prefix,
+                        fix="re-export the LoRA without this layer, or with a rank of at least 1")
+    if not _finite_in_fp32(tensor):
+        raise LoraError(f"{what} holds NaN or Inf values (or values too large for fp32)", file=label,
+                        layer=prefix, fix="the training diverged; use an earlier checkpoint of this LoRA")
 
 
 def layer_key(layer: Layer) -> str:
@@ -113,13 +133,9 @@ def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor
     target = naming.to_canonical(prefix, arch)
     if target is None:
         return None
-    for role, tensor in factors.items():
-        if not tensor.is_floating_point():
-            raise LoraError(f"factor {role} has dtype {tensor.dtype}, not a float", file=label, layer=prefix,
-                            fix="the file is corrupt; re-export it")
-        if not _all_finite(tensor):
-            raise LoraError(f"factor {role} holds NaN or Inf values", file=label, layer=prefix,
-                            fix="the training diverged; use an earlier checkpoint of this LoRA")
+    for role, (_, tensor) in roles.items():
+        if role != "alpha":
+            _check_values(role, tensor, role in factors, label, prefix)
     shape = layer_shape(kind, factors, target.name, arch, prefix=prefix, label=label)
     alpha = _alpha(prefix, roles, kind, factors, peft_alphas, label)
     if target.swap_halves:
@@ -134,6 +150,9 @@ def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor
         offset = (0, start_units * unit, shape[0])
     dora = _dora(roles, shape, label, prefix)
     bias = roles.get("diff_b", (None, None))[1]
+    if bias is not None and tuple(bias.shape) != shape[:1]:
+        raise LoraError(f"diff_b has shape {tuple(bias.shape)}, but the weight has {shape[0]} output rows",
+                        file=label, layer=prefix, fix="the file is corrupt; re-export it")
     if target.swap_halves:
         dora = None if dora is None else torch.roll(dora, shape[0] // 2, dims=0)
         bias = None if bias is None else torch.roll(bias, shape[0] // 2, dims=0)
@@ -158,7 +177,15 @@ def _alpha(prefix: str, roles, kind: str, factors, peft_alphas: "_PeftAlphas", l
 
 def _dora(roles, shape: tuple[int, ...], label: str, prefix: str) -> Optional[torch.Tensor]:
     if "dora_scale" in roles:
-        return roles["dora_scale"][1]
+        scale = roles["dora_scale"][1]
+        # LyCORIS: one magnitude per output row [out, 1, ...] or, from older versions, per input [1, in, ...]
+        per_row = [shape[0]] + [1] * (len(shape) - 1)
+        per_column = [1, shape[1]] + [1] * (len(shape) - 2)
+        if scale.numel() not in (shape[0], shape[1]) or list(scale.shape) not in (per_row, per_column, [scale.numel()]):
+            raise LoraError(f"DoRA scale of shape {tuple(scale.shape)} fits neither the {shape[0]} output rows nor "
+                            f"the {shape[1]} input columns of the {shape} weight", file=label, layer=prefix,
+                            fix="the file is corrupt; re-export it")
+        return scale
     if "magnitude" in roles:
         magnitude = roles["magnitude"][1]
         if magnitude.numel() != shape[0]:
@@ -189,15 +216,18 @@ class _PeftAlphas:
     scale = lora_alpha / √r becomes alpha = lora_alpha · √r.
     """
 
-    def __init__(self, metadata: Mapping[str, str]):
+    def __init__(self, metadata: Mapping[str, str], label: str = "<state dict>"):
         self.configs: dict[str, dict] = {}
+        self.label = label
         raw = metadata.get("lora_adapter_metadata")
         if not raw:
             return
         try:
             flat = json.loads(raw)
-        except ValueError:
-            log.warning("lora_adapter_metadata is not JSON; PEFT alphas ignored (scale 1)")
+        except (ValueError, RecursionError):
+            flat = None
+        if not isinstance(flat, dict):
+            log.warning("lora_adapter_metadata is not a JSON object; PEFT alphas ignored (scale 1)")
             return
         for key, value in flat.items():
             component, _, field_name = key.rpartition(".")
@@ -212,14 +242,27 @@ class _PeftAlphas:
             return None
         config = self.configs[component]
         module = prefix[len(component) + 1:] if component else prefix
-        alpha = config.get("lora_alpha")
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?{pattern}$", module):
-                alpha = value
+        alpha, source = config.get("lora_alpha"), "lora_alpha"
+        patterns = config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise self._bad(prefix, f"its alpha_pattern is a {type(patterns).__name__}, not a map")
+        for pattern, value in patterns.items():
+            try:
+                matched = re.match(rf"(.*\.)?{pattern}$", module)
+            except re.error as exc:
+                raise self._bad(prefix, f"alpha_pattern {pattern!r} is not a regular expression ({exc})") from None
+            if matched:
+                alpha, source = value, f"alpha_pattern {pattern!r}"
                 break
         if alpha is None:
             return None
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise self._bad(prefix, f"its {source} is {alpha!r}, not a finite number")
         alpha = float(alpha)
         if config.get("use_rslora"):
             return alpha * math.sqrt(rank)
         return alpha
+
+    def _bad(self, prefix: str, problem: str) -> LoraError:
+        return LoraError(f"lora_adapter_metadata: {problem}", file=self.label, layer=prefix,
+                         fix="correct the PEFT adapter metadata, or remove it and give each layer an .alpha")

@@ -36,8 +36,27 @@ def _fail(problem: str, label: str, prefix: str) -> LoraError:
 
 
 def _chain(a: torch.Tensor, b: torch.Tensor, what: str, label: str, prefix: str) -> None:
-    if a.dim() < 2 or b.dim() < 2 or a.shape[1] != b.shape[0]:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise _fail(f"{what} do not chain: {tuple(a.shape)} × {tuple(b.shape)}", label, prefix)
+
+
+def _dims(t: torch.Tensor, allowed: tuple[int, ...], what: str, label: str, prefix: str) -> None:
+    """A factor of the wrong rank (a 1-D LoKr half, a 6-D down) would fail deep inside the maths."""
+    if t.dim() not in allowed:
+        expected = f"{allowed[0]}-D" if len(allowed) == 1 else f"{allowed[0]}-D to {allowed[-1]}-D"
+        if len(allowed) == 2 and allowed[1] != allowed[0] + 1:
+            expected = f"{allowed[0]}-D or {allowed[1]}-D"
+        raise _fail(f"{what} has shape {tuple(t.shape)}: {t.dim()}-D, expected {expected}", label, prefix)
+
+
+def _tucker_core(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, what: str, label: str, prefix: str) -> None:
+    """LyCORIS' Tucker core t [r_a, r_b, kh, kw] between a [r_a, out] and b [r_b, in]."""
+    _dims(t, (4,), what, label, prefix)
+    _dims(a, (2,), f"{what}'s first factor", label, prefix)
+    _dims(b, (2,), f"{what}'s second factor", label, prefix)
+    if t.shape[0] != a.shape[0] or t.shape[1] != b.shape[0]:
+        raise _fail(f"Tucker core {what} {tuple(t.shape)} does not chain with {tuple(a.shape)} and "
+                    f"{tuple(b.shape)}", label, prefix)
 
 
 def _unflatten(shape: tuple[int, int], name: str) -> tuple[int, ...]:
@@ -49,6 +68,8 @@ def _unflatten(shape: tuple[int, int], name: str) -> tuple[int, ...]:
 
 def _lora_shape(f: Mapping[str, torch.Tensor], name: str, label: str, prefix: str) -> tuple[int, ...]:
     up, down = f["up"], f["down"]
+    _dims(up, (2, 3, 4, 5), "up", label, prefix)
+    _dims(down, (2, 3, 4, 5), "down", label, prefix)
     if "mid" in f:
         mid = f["mid"]
         if mid.dim() != 4 or up.shape[1] != mid.shape[0] or mid.shape[1] != down.shape[0]:
@@ -61,9 +82,13 @@ def _lora_shape(f: Mapping[str, torch.Tensor], name: str, label: str, prefix: st
 
 
 def _loha_shape(f: Mapping[str, torch.Tensor], name: str, label: str, prefix: str) -> tuple[int, ...]:
-    if "t1" in f:
+    if "t1" in f or "t2" in f:
+        if "t1" not in f or "t2" not in f:
+            raise _fail("Tucker LoHa needs both hada_t1 and hada_t2", label, prefix)
         t1, t2 = f["t1"], f["t2"]
         # LyCORIS Tucker LoHa: w*_a [r, out], w*_b [r, in], t* [r, r, kh, kw]
+        _tucker_core(t1, f["w1a"], f["w1b"], "hada_t1", label, prefix)
+        _tucker_core(t2, f["w2a"], f["w2b"], "hada_t2", label, prefix)
         shapes = {(f["w1a"].shape[1], f["w1b"].shape[1], *t1.shape[2:]),
                   (f["w2a"].shape[1], f["w2b"].shape[1], *t2.shape[2:])}
         if len(shapes) != 1 or t1.shape[0] != f["w1a"].shape[0] or t1.shape[1] != f["w1b"].shape[0]:
@@ -79,12 +104,15 @@ def _loha_shape(f: Mapping[str, torch.Tensor], name: str, label: str, prefix: st
 
 def _lokr_half(f: Mapping[str, torch.Tensor], n: str, label: str, prefix: str) -> tuple[int, ...]:
     if f"w{n}" in f:
-        return tuple(f[f"w{n}"].shape)
+        full = f[f"w{n}"]
+        _dims(full, (2,) if n == "1" else (2, 4), f"lokr_w{n}", label, prefix)
+        return tuple(full.shape)
     if f"w{n}a" not in f or f"w{n}b" not in f:
         raise _fail(f"LoKr half {n} is missing (needs lokr_w{n} or lokr_w{n}_a + lokr_w{n}_b)", label, prefix)
     a, b = f[f"w{n}a"], f[f"w{n}b"]
     if f"t{n}" in f:
         t = f[f"t{n}"]
+        _tucker_core(t, a, b, f"lokr_t{n}", label, prefix)
         return (a.shape[1], b.shape[1], *t.shape[2:])
     _chain(a, b, f"LoKr w{n}_a and w{n}_b", label, prefix)
     return (a.shape[0], b.shape[1])
@@ -98,6 +126,7 @@ def _lokr_shape(f: Mapping[str, torch.Tensor], name: str, label: str, prefix: st
 
 
 def _full_shape(f: Mapping[str, torch.Tensor], name: str, label: str, prefix: str) -> tuple[int, ...]:
+    _dims(f["diff"], (2, 3, 4, 5), "diff", label, prefix)
     return tuple(f["diff"].shape)
 
 
