@@ -307,3 +307,30 @@ def test_fp8_lora_reads_and_converts(tmp_path, dtype):
         assert float(written[ALPHA].float()) == 2.0
         back = next(iter(read_lora(target)))
         assert back.alpha == 2.0 and back.shape == (64, 32)
+
+
+def test_fp8_base_checkpoint(tmp_path):
+    """An fp8 base checkpoint (as ComfyUI ships Flux) is read layer by layer and its norms are computed in
+    fp32: the resize keeps exactly what it keeps against the same values stored in fp32."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import FIXTURES
+
+    weights = load_file(os.path.join(FIXTURES, "base", "sd15_tiny_base.safetensors"))
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() and v.dim() >= 2 else v for k, v in weights.items()}
+    lora = os.path.join(FIXTURES, "lora", "sd15_kohya_locon_r4a2_c2a1.safetensors")
+    outputs = {}
+    for name, tensors in (("fp8", fp8), ("fp32", {k: v.float() if v.is_floating_point() else v
+                                                   for k, v in fp8.items()})):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(tensors, str(folder / "base.safetensors"))
+        args = [str(folder / "base.safetensors"), lora, "-o", str(folder / "out"), "-r", "fro_ckpt=1,thr=-2.6"]
+        assert main(args) == 0
+        (written,) = (folder / "out").iterdir()
+        with safe_open(str(written), framework="pt") as fh:
+            outputs[name] = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert outputs["fp8"].keys() == outputs["fp32"].keys()
+    assert all(torch.equal(outputs["fp8"][k], outputs["fp32"][k]) for k in outputs["fp8"])
+    ranks = {k: v.shape[0] for k, v in outputs["fp8"].items() if k.endswith("lora_down.weight")}
+    assert 0 < sum(ranks.values()) < 328  # thr=-2.6 drops some ranks: the norms were really used
