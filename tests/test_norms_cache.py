@@ -84,3 +84,79 @@ def test_two_concurrent_writer_processes_lose_nothing(tmp_path):
         assert worker.exitcode == 0
     data = json.loads((tmp_path / CACHE_NAME).read_text())
     assert len(data["fp"]) == 400
+
+
+def _aside(folder):
+    return sorted(p for p in os.listdir(folder) if p.startswith(CACHE_NAME + ".bad-"))
+
+
+def test_non_finite_norms_are_never_cached(tmp_path, caplog):
+    cache = NormCache.in_folder(str(tmp_path))
+    cache.put("fp", "nan", {"spectral": float("nan"), "frobenius": 2.0})
+    cache.put("fp", "inf", {"spectral": float("inf")})
+    assert cache.get("fp", "nan") == {"frobenius": 2.0} and cache.get("fp", "inf") is None
+    assert "not a finite number" in caplog.text and "nan" in caplog.text
+    assert cache.save()
+    assert json.loads((tmp_path / CACHE_NAME).read_text()) == {"fp": {"nan": {"frobenius": 2.0}}}
+
+
+def test_a_file_off_the_layout_is_moved_aside_not_trusted(tmp_path, caplog):
+    bad = '{"fp": {"a": {"spectral": 1.0}, "b": {"spectral": NaN}}}'  # json.dumps writes NaN: not ours
+    (tmp_path / CACHE_NAME).write_text(bad)
+    cache = NormCache.in_folder(str(tmp_path))
+    assert cache.get("fp", "a") is None  # nothing of a file off the layout is used
+    assert [open(tmp_path / name).read() for name in _aside(tmp_path)] == [bad]
+    assert "moved aside" in caplog.text and not (tmp_path / CACHE_NAME).exists()
+
+
+def test_absurdly_nested_json_is_a_corrupt_cache(tmp_path):
+    (tmp_path / CACHE_NAME).write_text("[" * 200_000 + "]" * 200_000)
+    cache = NormCache.in_folder(str(tmp_path))
+    assert cache.get("fp", "a") is None and len(_aside(tmp_path)) == 1
+
+
+def test_an_unreadable_cache_is_left_alone_and_never_written_over(tmp_path, monkeypatch, caplog):
+    import core.norms_cache as norms_cache
+
+    (tmp_path / CACHE_NAME).write_text('{"fp": {"a": {"spectral": 1.0}}}')
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(norms_cache, "_read_bytes", denied)
+    cache = NormCache.in_folder(str(tmp_path))
+    assert "unreadable (Permission denied)" in caplog.text
+    cache.put("fp", "b", {"spectral": 2.0})
+    assert cache.save() is False
+    assert json.loads((tmp_path / CACHE_NAME).read_text()) == {"fp": {"a": {"spectral": 1.0}}}
+    assert _aside(tmp_path) == []
+
+
+def test_a_save_that_cannot_lock_or_write_is_a_warning_and_keeps_the_old_file(tmp_path, caplog):
+    old = '{"fp": {"a": {"spectral": 1.0}}}'
+    (tmp_path / CACHE_NAME).write_text(old)
+    cache = NormCache.in_folder(str(tmp_path))
+    (tmp_path / (CACHE_NAME + ".lock")).mkdir()  # the lock file cannot be opened
+    cache.put("fp", "b", {"spectral": 2.0})
+    assert cache.save() is False and "norms cache not saved" in caplog.text
+    assert (tmp_path / CACHE_NAME).read_text() == old
+    os.rmdir(tmp_path / (CACHE_NAME + ".lock"))
+    assert cache.save() is True  # kept its entries: a later save succeeds
+    assert json.loads((tmp_path / CACHE_NAME).read_text())["fp"] == {"a": {"spectral": 1.0}, "b": {"spectral": 2.0}}
+
+
+def test_a_killed_savers_temp_is_swept_by_the_next_cache(tmp_path):
+    import subprocess
+    import sys
+
+    from core.atomic import HOST_TAG
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    stale = tmp_path / f".{CACHE_NAME}.lora-resize-{HOST_TAG}-{dead.pid}-0123abcd.tmp"
+    stale.write_text('{"fp": {')  # half a cache, as a SIGKILL mid-save leaves it
+    cache = NormCache.in_folder(str(tmp_path))
+    assert not stale.exists()
+    cache.put("fp", "a", {"frobenius": 1.0})
+    assert cache.save()
+    assert sorted(os.listdir(tmp_path)) == [CACHE_NAME, CACHE_NAME + ".lock"]
