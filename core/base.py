@@ -3,6 +3,8 @@
 Single ``.safetensors`` files (SD1.5, SDXL with OpenCLIP bigG, Flux) and diffusers folders. Only the
 tensors a LoRA needs are ever read (by offset, with pread: no mmap), never the whole file. Inside
 ComfyUI, :class:`StateDictBase` wraps the tensors the host already holds.
+A weight holding NaN or Inf is refused by ``nonfinite_error``, naming the file, the tensor and the
+first bad row: its norms would poison every score (and the norms cache).
 """
 from __future__ import annotations
 
@@ -70,6 +72,36 @@ class BaseWeights:
         the next ``reuse`` call overwrites (for callers that only reduce it to numbers)."""
         raise NotImplementedError
 
+    def nonfinite_error(self, name: str, offset: Offset, weight: torch.Tensor) -> NonFiniteWeight:
+        """The error for a weight (as ``weight`` returned it) whose norms are not finite."""
+        start = offset[1] if offset else 0
+        return _nonfinite_error(weight, lambda row: (self.label, name, start + row))
+
+
+class NonFiniteWeight(LoraError):
+    """A base weight holds NaN or Inf: the checkpoint is corrupt."""
+
+
+_CORRUPT_FIX = ("this checkpoint is corrupt: re-download it (or check its hash), or use a recipe that needs "
+                "no base (spn_lora/fro_lora/params, rank=, sv_ratio=)")
+
+
+def _nonfinite_error(weight: torch.Tensor, locate) -> NonFiniteWeight:
+    """What is wrong with ``weight`` (fp32, all rows of the base slice); ``locate(row)`` -> (file, key, row)."""
+    finite = torch.isfinite(weight)
+    if bool(finite.all()):  # every value finite: only its norm overflowed fp32
+        file, key, _ = locate(0)
+        peak = float(weight.abs().max()) if weight.numel() else 0.0
+        return NonFiniteWeight(f"the base weight's norms overflow fp32 (values up to {peak:.3g})", file=file,
+                               layer=key, fix=_CORRUPT_FIX)
+    flat = weight.reshape(weight.shape[0], -1) if weight.dim() else weight.reshape(1, 1)
+    nan = int(torch.isnan(flat).sum())
+    inf = int(flat.numel() - int(finite.sum()) - nan)
+    row, column = (int(v) for v in (~torch.isfinite(flat)).nonzero()[0])
+    file, key, file_row = locate(row)
+    return NonFiniteWeight(f"the base weight holds {nan} NaN and {inf} Inf values among {flat.numel()} "
+                           f"(first at row {file_row}, column {column})", file=file, layer=key, fix=_CORRUPT_FIX)
+
 
 def _rows(shape: tuple[int, ...], offset: Offset) -> tuple[int, ...]:
     return shape if offset is None else (offset[2], *shape[1:])
@@ -110,27 +142,47 @@ class SafetensorsBase(BaseWeights):
         rows = sum(r[1] if r else self._entries[(f, k)]["shape"][0] for f, k, r in pieces)
         return _rows((rows, *first[1:]), offset)
 
-    def weight(self, name: str, offset: Offset = None, device=None, reuse: bool = False) -> torch.Tensor:
-        """fp32 weight (rows sliced by ``offset``), reading only those rows from disk. Safe to call
-        from several threads; ``reuse`` buffers are per thread."""
-        plan = []  # (path, entry, first row, row count)
+    def _plan(self, name: str, offset: Offset) -> list[tuple[str, str, dict, int, int]]:
+        """(path, key, entry, first row, row count) of each piece the (sliced) weight reads."""
+        plan = []
         skip = offset[1] if offset else 0
         want = offset[2] if offset else None
         for path, key, rows in self._pieces(name):
-            if path not in self._starts:
-                self._starts[path] = data_start(path)
             entry = self._entries[(path, key)]
             first, count = rows if rows else (0, entry["shape"][0])
             if skip >= count:  # the slice starts after this piece
                 skip -= count
                 continue
             take = count - skip if want is None else min(count - skip, want)
-            plan.append((path, entry, first + skip, take))
+            plan.append((path, key, entry, first + skip, take))
             skip = 0
             if want is not None:
                 want -= take
                 if want == 0:
                     break
+        return plan
+
+    def nonfinite_error(self, name: str, offset: Offset, weight: torch.Tensor) -> NonFiniteWeight:
+        """Names the file and tensor key holding the first bad row (a diffusers q/k/v weight has several)."""
+        plan = self._plan(name, offset)
+
+        def locate(row: int) -> tuple[str, str, int]:
+            for path, key, _, first, take in plan:
+                if row < take:
+                    return path, key, first + row
+                row -= take
+            path, key, _, first, _ = plan[-1]
+            return path, key, first
+
+        return _nonfinite_error(weight, locate)
+
+    def weight(self, name: str, offset: Offset = None, device=None, reuse: bool = False) -> torch.Tensor:
+        """fp32 weight (rows sliced by ``offset``), reading only those rows from disk. Safe to call
+        from several threads; ``reuse`` buffers are per thread."""
+        plan = [(path, entry, first, take) for path, _, entry, first, take in self._plan(name, offset)]
+        for path, _, _, _ in plan:
+            if path not in self._starts:
+                self._starts[path] = data_start(path)
         sizes = [take * math.prod(entry["shape"][1:]) * DTYPE_SIZES[entry["dtype"]] for _, entry, _, take in plan]
         raw = memoryview(self._buffers.take("raw", (sum(sizes),), torch.uint8).numpy())
         parts, position = [], 0

@@ -5,10 +5,14 @@ the SVD of the r×r core gives ΔW = (Q_b P) Σ (Q_a V)ᵀ exactly, in O((n + m)
 Only R_b and R_a are needed (from Gram matrices); Q is never formed.
 Layers of one shape are batched. Dense kinds (LoHa, LoKr, full diffs) and very high ranks take a
 full (or, for a fixed target rank, randomized) SVD of ΔW.
+Every layer's factors and scale must be finite on the way in (a merge or a node may have made them)
+and its singular values finite on the way out: a NaN would otherwise compare false in every
+selection and an Inf become Inf factors.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,7 +22,9 @@ import torch
 
 from .buffers import GrowBuffers
 from .delta import delta_weight, effective_down
+from .errors import LoraError
 from .formats.reader import layer_key
+from .formats.writer import value_range
 from .model import Layer, LoraFile
 
 log = logging.getLogger("lora_resize")
@@ -76,6 +82,27 @@ class Decomposed:
     def params_per_rank(self) -> int:
         """Elements one kept singular value costs in a plain LoRA: a column of up plus a row of down."""
         return self.layer.out_features + self.layer.in_features
+
+
+_TOO_LARGE = ("lower the merge weights or the alpha; if the file itself holds such values, it is corrupt: "
+              "re-download or re-train it")
+
+
+def _check_input(layer: Layer) -> None:
+    """Finite factors and scale, or a LoraError naming the layer (one min/max pass per factor)."""
+    if not math.isfinite(layer.scale):
+        raise LoraError(f"its scale (alpha / rank) is {layer.scale}", layer=layer_key(layer), fix=_TOO_LARGE)
+    for role, tensor in layer.factors.items():
+        if tensor.is_floating_point() and not all(math.isfinite(v) for v in value_range(tensor)):
+            raise LoraError(f"its {role} factor holds NaN or Inf values (a merge weight that large overflows fp32)",
+                            layer=layer_key(layer), fix=_TOO_LARGE)
+
+
+def _check_output(item: "Decomposed") -> None:
+    """Singular values of finite factors can still overflow fp32 (σ beyond 3.4e38): refused by name."""
+    if item.S.numel() and not all(math.isfinite(v) for v in value_range(item.S)):
+        raise LoraError("its singular values overflow fp32 (ΔW = scale·B·A is too large to represent)",
+                        layer=item.key, fix=_TOO_LARGE)
 
 
 def _is_dense(layer: Layer) -> bool:
@@ -161,6 +188,9 @@ def _factored_batch(layers: list[Layer], device, buffers: GrowBuffers) -> list[t
 def _dense(layer: Layer, device, rank: int | None = None, niter: int = 2
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     delta = delta_weight(layer, device).flatten(1)
+    if not all(math.isfinite(v) for v in value_range(delta)):
+        raise LoraError("its ΔW overflows fp32 (the factors are finite, their product is not)",
+                        layer=layer_key(layer), fix=_TOO_LARGE)
     if rank is not None and rank < min(delta.shape) // 4:
         U, S, V = torch.svd_lowrank(delta, q=min(rank + 8, min(delta.shape)), niter=niter)
         return U[:, :rank].cpu(), S[:rank].cpu(), V[:, :rank].T.contiguous().cpu()
@@ -183,6 +213,7 @@ def decompose(lora: LoraFile | Iterable[Layer], *, device: torch.device | str | 
     groups: dict[tuple, list[Layer]] = defaultdict(list)
     dense: list[Layer] = []
     for layer in layers:
+        _check_input(layer)
         if _is_dense(layer):
             dense.append(layer)
         else:
@@ -213,6 +244,7 @@ def decompose(lora: LoraFile | Iterable[Layer], *, device: torch.device | str | 
     ordered = []
     for layer in layers:
         item = results[layer_key(layer)]
+        _check_output(item)
         if item.S.numel() == 0 or float(item.S[0]) <= 1e-12:
             log.warning("%s: layer is all zeros and is skipped", item.key)
             continue

@@ -6,16 +6,22 @@ one thread per core (at most MAX_WORKERS): a matrix-vector product is bound by m
 the other cores idle, and one worker's file read overlaps another's Lanczos (all SDXL norms on two
 cores: 13.5 s -> 9.4 s). The cache keeps results per checkpoint fingerprint across runs
 (``core.norms_cache``).
+
+Only finite norms are used or cached. The Frobenius norm is the check, at no extra cost: a NaN or Inf
+anywhere in a layer makes it non-finite, and only then is the layer searched for the bad value
+(``BaseWeights.nonfinite_error``). A run on a corrupt checkpoint still measures (and caches) every
+sound layer, then fails naming the first bad one and the count.
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
-from .base import BaseWeights, Offset
+from .base import BaseWeights, NonFiniteWeight, Offset
 from .norms_cache import NormCache, layer_cache_key
 
 _MAX_STEPS = 40
@@ -76,6 +82,11 @@ def frobenius_norm(weight: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(weight.to(torch.float32)))
 
 
+def _finite(values: dict, kinds: tuple[str, ...]) -> bool:
+    """Every wanted norm is present and a finite number (a cache written by an older version may hold NaN)."""
+    return all(isinstance(values.get(k), (int, float)) and math.isfinite(values[k]) for k in kinds)
+
+
 def _workers(device, layers: int) -> int:
     """One per torch thread on the CPU (at most MAX_WORKERS); two on a GPU, where one worker's
     Python overlaps the other's kernels and each fp32 layer copy costs VRAM the host may need."""
@@ -94,31 +105,45 @@ def reference_norms(base: BaseWeights, targets: Iterable[tuple[str, Offset]], *,
     todo = []
     for target in targets:
         cached = cache.get(base.fingerprint, layer_cache_key(*target)) if cache is not None else None
-        if cached is not None and all(k in cached for k in kinds):
+        if cached is not None and _finite(cached, kinds):
             out[target] = cached
         else:
             todo.append(target)
 
     def measure(target: tuple[str, Offset]) -> dict:
         weight = base.weight(*target, device=device, reuse=True)
+        frobenius = frobenius_norm(weight)  # always: it is the finiteness check (NaN/Inf anywhere -> not finite)
+        if not math.isfinite(frobenius):
+            raise base.nonfinite_error(*target, weight)
         values = {}
         if "frobenius" in kinds:
-            values["frobenius"] = frobenius_norm(weight)
+            values["frobenius"] = frobenius
         if "spectral" in kinds:
             values["spectral"] = spectral_norm(weight)
+        if not _finite(values, tuple(values)):  # not reachable from a finite weight; never cache it anyway
+            raise base.nonfinite_error(*target, weight)
         return values
 
     if not todo:
         return out
     pool = ThreadPoolExecutor(max_workers=_workers(device, len(todo)), thread_name_prefix="lora-resize-norms")
+    corrupt: list[NonFiniteWeight] = []
     try:
         futures = [pool.submit(measure, target) for target in todo]
         for done, (target, future) in enumerate(zip(todo, futures), 1):
-            out[target] = values = future.result()
-            if cache is not None:
-                cache.put(base.fingerprint, layer_cache_key(*target), values)
+            try:
+                out[target] = values = future.result()
+            except NonFiniteWeight as exc:  # go on: the sound layers are cached, the count is reported
+                corrupt.append(exc)
+            else:
+                if cache is not None:
+                    cache.put(base.fingerprint, layer_cache_key(*target), values)
             if progress:
                 progress(done, len(todo))  # may raise to cancel (ComfyUI's interrupt)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # an error or a cancel stops the queued layers
+    if corrupt:
+        first = corrupt[0]
+        more = f"; {len(corrupt) - 1} more base layers hold NaN/Inf too" if len(corrupt) > 1 else ""
+        raise NonFiniteWeight(first.problem + more, file=first.file, layer=first.layer, fix=first.fix)
     return out

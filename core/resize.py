@@ -2,6 +2,10 @@
 
 Rebuilt factors split √σ between up and down and alpha = new rank (scale 1), so ΔW' is exactly the
 kept truncated SVD, with ``rescale`` baked in. Layers that keep nothing are dropped.
+
+Values are checked where they are made: recipe numbers on entry (``check_recipe``), base norms
+(``core.norms``), singular values (``core.decompose``), every rebuilt factor here (finite in fp32 and
+within the output dtype's range), and the report's error: a run never writes or prints a NaN.
 """
 from __future__ import annotations
 
@@ -15,10 +19,10 @@ import torch
 from .decompose import Decomposed, decompose
 from .delta import delta_weight, dora_weight_norm, effective_down
 from .errors import LoraError
-from .formats.writer import encoded_size
+from .formats.writer import checked_cast, encoded_size
 from .model import Layer, LoraFile
 from .recipe import Recipe
-from .select import References, Selection, score, select
+from .select import References, Selection, check_recipe, score, select
 
 log = logging.getLogger("lora_resize")
 
@@ -40,6 +44,7 @@ class ResizeResult:
         return math.sqrt(dropped / total) if total else 0.0
 
 
+_OVERFLOW = "rebuilt from finite values, so √σ·rescale overflowed fp32"
 _THRESHOLD_PLACEHOLDER = "+000.0000"  # as long as any threshold written by provenance_extra (|thr| < 1000)
 
 
@@ -56,20 +61,22 @@ def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0,
                   dtype: Optional[torch.dtype] = None) -> Optional[Layer]:
     """Plain LoRA/LoCon layer of the kept singular values, or None when nothing is kept.
 
-    ``dtype`` stores the factors directly at the output precision (no full-size fp32 copy)."""
+    ``dtype`` stores the factors directly at the output precision (no full-size fp32 copy). Factors
+    that are not finite, or do not fit ``dtype``, are a LoraError naming the layer (never a silent Inf)."""
     kept = int(mask.sum())
     if kept == 0:
         return None
     keep = slice(0, kept) if bool(mask[:kept].all()) else mask  # usually the largest values are kept
-    root = torch.sqrt(item.S[keep] * rescale)  # √σ on each side, folded into the small r×k matrices
+    # √σ on each side, folded into the small r×k matrices; √σ·√rescale cannot overflow where σ·rescale could
+    root = torch.sqrt(item.S[keep]) * math.sqrt(rescale)
     up = item.left(keep, root)
     down = item.right(keep, root).reshape(kept, *item.in_shape)
     if item.layer.is_conv:
         up = up.reshape(*up.shape, 1, 1)
-    if dtype is not None:
-        up, down = up.to(dtype), down.to(dtype)
+    up = checked_cast(up, dtype, layer=item.key, what="the rebuilt up factor", cause=_OVERFLOW)
+    down = checked_cast(down, dtype, layer=item.key, what="the rebuilt down factor", cause=_OVERFLOW)
     source = item.layer
-    return Layer(name=source.name, kind="lora", factors={"up": up.contiguous(), "down": down.contiguous()},
+    return Layer(name=source.name, kind="lora", factors={"up": up, "down": down},
                  shape=source.shape, alpha=float(kept), offset=source.offset, dora_scale=source.dora_scale,
                  bias_diff=source.bias_diff, source_key=source.source_key)
 
@@ -146,6 +153,8 @@ def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base
             weight = base.weight(item.layer.name, item.layer.offset, device=device, reuse=True).flatten(1)
             U, Vh = item.left().to(weight.device), item.right().to(weight.device)
             refs.subspace = ((U.T @ weight) * Vh).sum(dim=1).abs().cpu()
+            if not bool(torch.isfinite(refs.subspace).all()):  # a NaN the cached norms did not see
+                raise base.nonfinite_error(item.layer.name, item.layer.offset, weight)
         table[item.key] = refs
     return table
 
@@ -190,6 +199,7 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
     ``size=`` measures candidate files with exactly the metadata the writer will add
     (``provenance_extra``), so the file written with that metadata never exceeds the target.
     """
+    check_recipe(recipe)
     notes = _dora_notes(template, base is not None)
     if recipe.method == "randproj":
         result = _random_projection(items, recipe, template)
@@ -219,9 +229,25 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
             if layer is not None and layer.dora_scale is not None and layer.name in base.names():
                 weight = base.weight(layer.name, layer.offset)
                 layer.dora_scale = refit_dora(item.layer, layer, weight)
+                if not bool(torch.isfinite(layer.dora_scale).all()):
+                    if not bool(torch.isfinite(weight).all()):
+                        raise base.nonfinite_error(layer.name, layer.offset, weight)
+                    checked_cast(layer.dora_scale, None, layer=item.key, what="the refitted DoRA magnitude",
+                                 cause="the base weight plus ΔW overflowed fp32")
     if recipe.scored and items:
         result.scores = torch.cat([score(item, recipe, refs.get(item.key)) for item in items])
+    _check_error(result)
     return result
+
+
+def _check_error(result: ResizeResult) -> None:
+    """The report's error is a number: a NaN here means a value overflowed somewhere upstream."""
+    if math.isfinite(result.total_error):
+        return
+    row = next((r for r in result.layers if not (math.isfinite(r["energy"]) and math.isfinite(r["dropped_energy"]))),
+               result.layers[0] if result.layers else {"name": None})
+    raise LoraError("the resize error is not a finite number (ΔW's energy overflowed)", layer=row["name"],
+                    fix="lower rescale= or the merge weights; if the LoRA file itself is that large, it is corrupt")
 
 
 def _derived(template: LoraFile, layers: dict[str, Layer]) -> LoraFile:
@@ -242,7 +268,7 @@ def _result(items, recipe: Recipe, refs, selection: Selection, template: LoraFil
 
 
 def _report_row(item: Decomposed, mask: torch.Tensor, recipe: Recipe, refs: Optional[References]) -> dict:
-    S = item.S * recipe.rescale
+    S = item.S.to(torch.float64) * recipe.rescale  # fp64: σ² of a large but valid fp32 σ overflows fp32
     energy = float(S.pow(2).sum())
     dropped = float(S[~mask].pow(2).sum())
     row = {"name": item.key, "kind": item.layer.kind_label, "old_rank": item.layer.rank or item.rank,
@@ -279,7 +305,8 @@ def _random_projection(items: Sequence[Decomposed], recipe: Recipe, template: Lo
         R = _projection(cap, source.rank, recipe.sparse, generator)
         up = source.factors["up"].to(torch.float32).flatten(1) * (source.scale * recipe.rescale)
         down = effective_down(source)
-        new_up, new_down = up @ R.T, R @ down
+        new_up = checked_cast(up @ R.T, None, layer=item.key, what="the projected up factor", cause=_OVERFLOW)
+        new_down = checked_cast(R @ down, None, layer=item.key, what="the projected down factor")
         error = _projection_error(up, down, R)
         if source.is_conv:
             new_up = new_up.reshape(*new_up.shape, 1, 1)
@@ -288,7 +315,7 @@ def _random_projection(items: Sequence[Decomposed], recipe: Recipe, template: Lo
                                  shape=source.shape, alpha=float(cap), offset=source.offset,
                                  dora_scale=source.dora_scale, bias_diff=source.bias_diff,
                                  source_key=source.source_key)
-        energy = float((item.S * recipe.rescale).pow(2).sum())
+        energy = float((item.S.to(torch.float64) * recipe.rescale).pow(2).sum())
         rows.append({"name": item.key, "kind": source.kind_label, "old_rank": source.rank, "new_rank": cap,
                      "energy": energy, "dropped_energy": error ** 2,
                      "rle_lora": error / math.sqrt(energy) if energy else 0.0, "rle_ckpt": None,
@@ -317,6 +344,13 @@ def _projection_error(up: torch.Tensor, down: torch.Tensor, R: torch.Tensor) -> 
     return math.sqrt(max(float(value), 0.0))
 
 
+def _naming(exc: LoraError, path: Optional[str]) -> LoraError:
+    """The same error (same type) naming the LoRA file when it names no file yet."""
+    if exc.file or not path:
+        return exc
+    return type(exc)(exc.problem, file=path, layer=exc.layer, fix=exc.fix)
+
+
 def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None, cache=None,
            convention: str = "kohya", dtype: Optional[torch.dtype] = torch.float16, sources=(),
            progress: Optional[Callable[[str, int, int], None]] = None) -> Iterator[ResizeResult]:
@@ -327,18 +361,27 @@ def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None,
     def stage(name):
         return (lambda done, total: progress(name, done, total)) if progress else None
 
+    for recipe in recipes:  # before any work: a bad number fails now, not after the decomposition
+        check_recipe(recipe)
+
     fixed_caps = [r.rank_cap(False) for r in recipes if not r.scored and not r.kohya_rule]
     dense_rank = max(fixed_caps) if fixed_caps and len(fixed_caps) == len(recipes) and None not in fixed_caps \
         else None
     niter = max((r.niter for r in recipes), default=2)
     if not any(r.method == "rsvd" for r in recipes):
         dense_rank = None
-    items = decompose(lora, device=device, dense_rank=dense_rank, niter=niter, progress=stage("decompose"))
+    try:
+        items = decompose(lora, device=device, dense_rank=dense_rank, niter=niter, progress=stage("decompose"))
+    except LoraError as exc:
+        raise _naming(exc, lora.path) from None
     refs = reference_table(items, recipes, base, device=device, cache=cache, progress=stage("base norms"),
                            architecture=lora.architecture, label=lora.path)
     for index, recipe in enumerate(recipes):
-        result = apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
-                              sources=sources, base=base)
+        try:
+            result = apply_recipe(items, recipe, refs, template=lora, convention=convention, dtype=dtype,
+                                  sources=sources, base=base)
+        except LoraError as exc:
+            raise _naming(exc, lora.path) from None
         if index == len(recipes) - 1:
             items = refs = None  # the decomposition is done with: free it before the caller writes
         yield result

@@ -7,6 +7,7 @@ name the fused weight (PEFT for Flux) gets it split by rows. Both are exact.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -45,9 +46,54 @@ def parse_dtype(text: str | None) -> torch.dtype | None:
         raise LoraError(f"unknown output dtype {text!r}", fix="use 16, bf16 or 32") from None
 
 
-def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (and convention-specific metadata) for ``lora`` in ``convention``."""
+def value_range(tensor: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a floating tensor in one pass; NaN propagates into both, so two finite numbers
+    prove every value finite. fp8 is widened first (torch has no fp8 reductions; every fp8 value fits fp16)."""
+    if tensor.numel() == 0:
+        return 0.0, 0.0
+    if tensor.element_size() == 1:
+        tensor = tensor.to(torch.float16)
+    low, high = torch.aminmax(tensor)
+    return float(low), float(high)
+
+
+def checked_cast(tensor: torch.Tensor, dtype: torch.dtype | None, *, layer: str, what: str,
+                 cause: str | None = None) -> torch.Tensor:
+    """``tensor`` at ``dtype`` (None: as it is), contiguous, refusing NaN/Inf and values ``dtype`` cannot hold.
+
+    Checked where values are made (rebuilt factors) and where they are written, before any file is
+    opened: fp16 tops out at 65504 (an alpha of 3e38, ``rescale=1e30`` or a merge weight of 1e7 gets
+    there), bf16 at 3.39e38, and a cast past that is a silent Inf in the file. ``cause`` says how a
+    non-finite value can arise at the caller (e.g. an overflow of fp32)."""
+    out = _cast(tensor, dtype)
+    if out.is_meta or not out.is_floating_point():
+        return out
+    low, high = value_range(out)
+    if math.isfinite(low) and math.isfinite(high):
+        return out
+    if out is not tensor and tensor.dtype != out.dtype:
+        source_low, source_high = value_range(tensor)
+        if math.isfinite(source_low) and math.isfinite(source_high):
+            peak = max(-source_low, source_high)
+            name = str(out.dtype).removeprefix("torch.")
+            wider = "-t 32 (fp32)" if out.dtype == torch.bfloat16 else "-t bf16 or -t 32 (fp32)"
+            raise LoraError(f"{what} has values up to {peak:.3g}, beyond {name}'s largest "
+                            f"({torch.finfo(out.dtype).max:.5g})", layer=layer,
+                            fix=f"save at a wider precision: {wider} on the command line, bf16/fp32 in Save LoRA "
+                            "(or lower rescale=, the merge weights or the alpha)")
+    raise LoraError(f"{what} holds NaN or Inf values" + (f" ({cause})" if cause else ""), layer=layer,
+                    fix="lower rescale=, the merge weights or the alpha; if the source file holds them, it is "
+                    "corrupt: re-download or re-train it")
+
+
+def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype | None = None,
+                  check: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (and convention-specific metadata) for ``lora`` in ``convention``.
+
+    ``check``: every tensor must be finite at ``dtype`` (see :func:`checked_cast`); size estimates skip it."""
+    def cast(tensor: torch.Tensor, layer: Layer, key: str) -> torch.Tensor:
+        return checked_cast(tensor, dtype, layer=layer.name, what=key) if check else _cast(tensor, dtype)
+
     conv = _convention(convention)
     layers = _fit_slices(list(lora.layers.values()), lora.architecture, conv)
     tensors: dict[str, torch.Tensor] = {}
@@ -65,17 +111,22 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype 
         if not conv.alpha_in_tensor and layer.kind == "lora" and layer.scale != 1.0:
             factors["up"] = factors["up"].to(torch.float32) * layer.scale  # PEFT: bake the scale in
         for role, tensor in factors.items():
-            tensors[prefix + conv.write[(layer.kind, role)]] = _cast(tensor, dtype)
+            key = prefix + conv.write[(layer.kind, role)]
+            tensors[key] = cast(tensor, layer, key)
         # PEFT keeps a LoRA's alpha in metadata; LyCORIS kinds have no such place and keep `.alpha`
         if layer.alpha is not None and layer.kind != "full" and (conv.alpha_in_tensor or layer.kind != "lora"):
+            if check and not math.isfinite(layer.alpha):
+                raise LoraError(f"alpha is {layer.alpha}", layer=layer.name, fix="the source file is corrupt: "
+                                "re-download or re-train it")
             tensors[prefix + ALPHA_SUFFIX] = _alpha_tensor(layer.alpha, dtype or _dtype_of(layer))
         if not conv.alpha_in_tensor and layer.kind == "lora":
             component, _, module = prefix.partition(".")
             peft_ranks[component][module] = layer.rank
         if layer.dora_scale is not None:
-            tensors.update(_dora_tensors(layer, prefix, conv, dtype))
+            tensors.update({k: cast(t, layer, k) for k, t in _dora_tensors(layer, prefix, conv, None).items()})
         if layer.bias_diff is not None:
-            tensors[prefix + conv.write[(None, "diff_b")]] = _cast(layer.bias_diff, dtype)
+            key = prefix + conv.write[(None, "diff_b")]
+            tensors[key] = cast(layer.bias_diff, layer, key)
     extra_meta = _peft_metadata(peft_ranks, lora) if peft_ranks else {}
     return tensors, extra_meta
 
@@ -104,8 +155,13 @@ def _with_output_halves_swapped(layer: Layer, prefix: str) -> Layer:
 
 def _tensors_and_metadata(lora: LoraFile, convention: str, dtype: torch.dtype | None, operation: str,
                           recipe: str | None, sources: Iterable[Mapping[str, str]],
-                          extra_provenance: Mapping | None, label: str):
-    tensors, convention_meta = to_state_dict(lora, convention, dtype)
+                          extra_provenance: Mapping | None, label: str, check: bool = True):
+    try:
+        tensors, convention_meta = to_state_dict(lora, convention, dtype, check=check)
+    except LoraError as exc:  # name the output file, keeping the error's type
+        if exc.file:
+            raise
+        raise type(exc)(exc.problem, file=label, layer=exc.layer, fix=exc.fix) from None
     if not tensors:
         raise LoraError("nothing to write: every layer was dropped", file=label,
                         fix="loosen the threshold or raise the size/rank target")
@@ -120,7 +176,7 @@ def encoded_size(lora: LoraFile, *, convention: str = "kohya", dtype: torch.dtyp
     """Byte size of the file ``write_lora`` writes, without serializing any data: factors may live on the
     ``meta`` device. Used to fit ``size=`` targets exactly."""
     tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
-                                          extra_provenance, "<output>")
+                                          extra_provenance, "<output>", check=False)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = "0" * 64, "0" * 8
     return safetensors_size({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, meta)
 
