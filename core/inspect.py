@@ -3,10 +3,22 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, Mapping
 
 from .metadata import read_provenance
 from .model import LoraFile
+
+
+def _provenance(meta: Mapping[str, str]) -> dict | None:
+    """Our provenance record, or a marker when someone else's tool left text there that is not one:
+    metadata is the file author's text, and a summary must not fail on it."""
+    try:
+        prov = read_provenance(meta)
+    except (ValueError, RecursionError):
+        prov = []
+    if prov is None or isinstance(prov, dict):
+        return prov
+    return {"unreadable": True}
 
 
 def summarize(lora: LoraFile) -> dict[str, Any]:
@@ -37,7 +49,7 @@ def summarize(lora: LoraFile) -> dict[str, Any]:
             "network_alpha": meta.get("ss_network_alpha"),
             "base_model": meta.get("ss_base_model_version") or meta.get("modelspec.architecture"),
             "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
-            "provenance": read_provenance(meta),
+            "provenance": _provenance(meta),
         },
         "layers": layers,
     }
@@ -57,7 +69,9 @@ def format_summary(info: dict[str, Any]) -> str:
     meta = info["metadata"]
     described = {k: v for k, v in meta.items() if v and k not in ("keys", "provenance")}
     lines.append(f"  metadata: {meta['keys']} keys" + "".join(f", {k} {v}" for k, v in described.items()))
-    if meta["provenance"]:
+    if meta["provenance"] and meta["provenance"].get("unreadable"):
+        lines.append("  provenance metadata is not a JSON object; ignored")
+    elif meta["provenance"]:
         prov = meta["provenance"]
         lines.append(f"  made by {prov.get('tool')} {prov.get('version')}: {prov.get('operation')} "
                      f"{prov.get('recipe') or ''}".rstrip())

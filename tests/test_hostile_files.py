@@ -334,3 +334,16 @@ def test_fp8_base_checkpoint(tmp_path):
     assert all(torch.equal(outputs["fp8"][k], outputs["fp32"][k]) for k in outputs["fp8"])
     ranks = {k: v.shape[0] for k, v in outputs["fp8"].items() if k.endswith("lora_down.weight")}
     assert 0 < sum(ranks.values()) < 328  # thr=-2.6 drops some ranks: the norms were really used
+
+
+@pytest.mark.parametrize("provenance", ["not json", "[1, 2]", "[" * 100_000])
+def test_foreign_provenance_metadata_is_not_fatal(tmp_path, capsys, provenance):
+    """Text under our provenance key that is not our record (another tool's, or hostile) is noted and
+    ignored by inspect, never a failure: metadata is the file author's free text."""
+    path = tmp_path / "foreign.safetensors"
+    save_file(_tensors(), str(path), metadata={"lora_resize": provenance})
+    assert main(["inspect", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "provenance metadata is not a JSON object; ignored" in captured.out and "Traceback" not in captured.err
+    assert main(["inspect", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["provenance"] == {"unreadable": True}
