@@ -1,6 +1,6 @@
 """Hostile LoRA files (issue 12, the file classes): each is refused with the project's own error.
 
-One table, ``BAD``, of 59 distinct bad files (32 of them malformed safetensors that the library
+One table, ``BAD``, of 60 distinct bad files (32 of them malformed safetensors that the library
 refuses too) built here byte by byte, or with safetensors for files whose format is valid but whose
 values are not:
 - the header as a whole (10): deep JSON nesting, a header over safetensors' 100 MB limit, UTF-16,
@@ -10,11 +10,11 @@ values are not:
 - one tensor entry (18): dtype not a string or unknown, entry not an object, shape not a list,
   negative, string, float, bool, 0×2^70, overflowing, not matching its bytes; offsets float, three,
   reversed, overlapping, leaving a gap, not starting at 0, trailing bytes nobody references;
-- factors (24): NaN/Inf or beyond-fp32 values in every kind (LoRA, LoHa, LoKr, full diff, diff_b,
+- factors (25): NaN/Inf or beyond-fp32 values in every kind (LoRA, LoHa, LoKr, full diff, diff_b,
   DoRA scale, PEFT magnitude), integer factors, NaN and Inf alpha, rank-0 LoRA and LoHa factors,
   factors of the wrong rank (a 6-D LoRA, 1-D and 3-D LoKr halves, a 1-D Tucker core, a 1-D diff), a
-  diff_b or DoRA scale that fits no side of the weight, PEFT metadata with a text or NaN alpha, a bad
-  regex or an alpha_pattern that is not a map;
+  diff_b or DoRA scale that fits no side of the weight, PEFT metadata with a text, NaN or 400-digit
+  alpha, a bad regex or an alpha_pattern that is not a map;
 - pickles (2), which are never unpickled.
 
 Every file goes through ``read_lora`` (LoraError naming the file, and the tensor or layer where
@@ -23,8 +23,10 @@ stderr, no traceback, nothing written, no temp file left). Header-level rows are
 refused by the safetensors library itself: the header is validated as strictly as the library does
 (a duplicate key, which the library resolves silently to the last one, is refused here), so a file
 accepted here is one ComfyUI loads. The positive side: fp8 LoRAs read, convert as stored and to
-fp16/bf16/fp32; layouts the library accepts (zero-size tensors sharing an offset, space padding,
-extra entry fields, a null ``__metadata__``) are accepted here too.
+fp16/bf16/fp32; an fp8 base checkpoint resizes exactly as its fp32 copy; layouts the library
+accepts (zero-size tensors sharing an offset, space padding, extra entry fields, a null
+``__metadata__``) are accepted here too; provenance text that is not our record is ignored by
+``inspect`` (3 variants), not fatal.
 
 What already held before issue 12 and is kept so (these rows passed on the old code): pickles never
 unpickled; NaN/Inf LoRA, LoHa, LoKr and full-diff factors; NaN/Inf alpha; integer factors; an
@@ -198,7 +200,10 @@ BAD = [
     ("peft_alpha_text", _peft({"text_encoder.r": 4, "text_encoder.lora_alpha": "eight"}),
      ["lora_alpha is 'eight', not a finite number", PEFT], False),
     ("peft_alpha_nan", ({**_peft({})[0]}, {"lora_adapter_metadata": '{"text_encoder.lora_alpha": NaN}'}),
-     ["lora_alpha is nan", PEFT], False),
+     ["lora_alpha is 'nan', not a finite number", PEFT], False),
+    ("peft_alpha_huge_integer", ({**_peft({})[0]},
+                                 {"lora_adapter_metadata": '{"text_encoder.lora_alpha": 1%s}' % ("0" * 400)}),
+     ["lora_alpha is '1000", "not a finite number", PEFT], False),
     ("peft_alpha_pattern_bad_regex", _peft({"text_encoder.lora_alpha": 8, "text_encoder.alpha_pattern": {"fc1(": 4}}),
      ["not a regular expression", PEFT], False),
     ("peft_alpha_pattern_not_a_map", _peft({"text_encoder.lora_alpha": 8, "text_encoder.alpha_pattern": ["fc1"]}),
@@ -207,7 +212,7 @@ BAD = [
     ("pickle_protocol_4", _pickle_bytes(), ["pickle", "never unpickled"], True),
     ("torch_zip_checkpoint", "torch.save", ["pickle", "never unpickled"], True),
 ]
-assert len({case[0] for case in BAD}) == len(BAD) == 59
+assert len({case[0] for case in BAD}) == len(BAD) == 60
 
 
 def _make(tmp_path, name: str, content) -> str:

@@ -256,9 +256,13 @@ class _PeftAlphas:
                 break
         if alpha is None:
             return None
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise self._bad(prefix, f"its {source} is {alpha!r}, not a finite number")
-        alpha = float(alpha)
+        try:
+            value = math.nan if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) else float(alpha)
+        except OverflowError:  # an integer of 400 digits
+            value = math.inf
+        if not math.isfinite(value):
+            raise self._bad(prefix, f"its {source} is {str(alpha)[:40]!r}, not a finite number")
+        alpha = value
         if config.get("use_rslora"):
             return alpha * math.sqrt(rank)
         return alpha
