@@ -1,4 +1,4 @@
-"""Values checked where they are made (issue 12, deliverable 3): 33 hostile values, none written or printed.
+"""Values checked where they are made (issue 12, deliverable 3): 34 hostile values, none written or printed.
 
 Today a NaN or an overflow went straight into the file with exit 0 ("relative error nan%", or a
 plausible 0.00%). Each case here goes through the CLI (``core.cli.main``: exit code, the message
@@ -7,7 +7,7 @@ line can carry it, and through the core API where only a node or a caller can (R
 directly, in-memory layers, merges, StateDictBase). The engine checks on its own, whatever the
 recipe parser lets through.
 
-Cases (33):
+Cases (34):
 - base weights, CLI (4): NaN under fro_ckpt, Inf under subspace, NaN under spn_ckpt, -Inf under fro_ckpt
 - base weights, API (5): the NaN layer is never cached while the sound ones are; a NaN that an older
   version cached is recomputed, not trusted; a diffusers folder names the file and the q/k/v key that
@@ -15,8 +15,9 @@ Cases (33):
   weight whose cached norms looked sound
 - output dtype, CLI (4): alpha 3e38 at -t 16 refused (suggests bf16/fp32); at -t 32 and -t bf16 it
   works, ΔW right and no "nan" printed; a merge weight of 1e12 at -t 16 refused
-- output dtype, API (4): rescale=1e30 at fp16; a merge with weight 1e7 written at fp16 (works at fp32);
-  3.4e38 at bf16 (suggests fp32 only); rescale=1e30 through the CLI is refused (parser or engine)
+- output dtype, API (5): rescale=1e30 at fp16; a merge with weight 1e7 written at fp16 (works at fp32);
+  3.4e38 at bf16 (suggests fp32 only); rescale=1e30 through the CLI is refused (parser or engine); a factor
+  that underflows to all zeros at fp16 is written with a warning naming it
 - recipe numbers at the engine (12): rescale nan / inf / 0, sv_ratio nan, sv_fro nan, sv_cumulative nan,
   thr nan, size nan, size inf, a NaN method weight, niter 10⁹, sparse nan: refused by resize() before any
   decomposition and by apply_recipe() (the node's path)
@@ -311,3 +312,11 @@ def test_the_writer_refuses_non_finite_magnitudes_and_biases(tmp_path, part):
         write_lora(LoraFile({"x": layer}, "sdxl", "kohya"), tmp_path / "x.safetensors", dtype=torch.float32)
     assert info.value.layer == "diffusion_model.out.2"
     assert os.listdir(tmp_path) == []
+
+
+def test_a_factor_that_underflows_to_zeros_at_fp16_is_written_with_a_warning(tmp_path, caplog):
+    layer = lora_layer("diffusion_model.out.2", 8, 8, 2)
+    layer.factors["up"].mul_(1e-12)  # below fp16's smallest subnormal (6e-8): all zeros once cast
+    write_lora(LoraFile({"x": layer}, "sdxl", "kohya"), tmp_path / "x.safetensors", dtype=torch.float16)
+    assert "all zeros at float16" in caplog.text and "diffusion_model.out.2" in caplog.text
+    assert float(load_file(str(tmp_path / "x.safetensors"))["lora_unet_out_2.lora_up.weight"].abs().max()) == 0

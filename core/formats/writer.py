@@ -7,6 +7,7 @@ name the fused weight (PEFT for Flux) gets it split by rows. Both are exact.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import defaultdict
@@ -31,6 +32,7 @@ from ..safetensors_io import (
 from .conventions import CONVENTIONS, Convention
 from .shapes import swap_output_halves
 
+log = logging.getLogger("lora_resize")
 ALPHA_SUFFIX = ".alpha"
 OUTPUT_DTYPES = {"fp16": torch.float16, "16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
                  "32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -64,11 +66,15 @@ def checked_cast(tensor: torch.Tensor, dtype: torch.dtype | None, *, layer: str,
     Checked where values are made (rebuilt factors) and where they are written, before any file is
     opened: fp16 tops out at 65504 (an alpha of 3e38, ``rescale=1e30`` or a merge weight of 1e7 gets
     there), bf16 at 3.39e38, and a cast past that is a silent Inf in the file. ``cause`` says how a
-    non-finite value can arise at the caller (e.g. an overflow of fp32)."""
+    non-finite value can arise at the caller (e.g. an overflow of fp32). A tensor that the cast turns
+    all zeros (underflow) is only a warning: the file is valid, that layer just does nothing."""
     out = _cast(tensor, dtype)
     if out.is_meta or not out.is_floating_point():
         return out
     low, high = value_range(out)
+    if low == 0.0 == high and out is not tensor and out.numel() and any(value_range(tensor)):
+        log.warning("%s: %s is all zeros at %s (its values underflow); save at fp32 to keep it", layer, what,
+                    str(out.dtype).removeprefix("torch."))
     if math.isfinite(low) and math.isfinite(high):
         return out
     if out is not tensor and tensor.dtype != out.dtype:
