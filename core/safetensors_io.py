@@ -33,6 +33,7 @@ _TORCH_TO_ST = {dtype: name for name, dtype in _ST_TO_TORCH.items()}
 _DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
                 "I64", "U64"]
 _MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
+_MAX_DEPTH = 128  # serde_json's recursion limit, which the library parses with
 _MAX_EXTENT = 2**63 - 1  # the largest tensor torch can describe (its sizes and strides are int64)
 _PICKLE_MAGICS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 _CORRUPT = "the file is corrupt or was written by a broken tool; get it again or re-save it with safetensors"
@@ -158,6 +159,15 @@ def _json_type(value: object) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+def _too_deep(value: object, levels: int) -> bool:
+    """Whether parsed JSON nests more than ``levels`` containers deep (stops there: no deep recursion)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    if levels <= 0:
+        return True
+    return any(_too_deep(item, levels - 1) for item in (value.values() if isinstance(value, dict) else value))
+
+
 def _is_size(value: object) -> bool:
     """A JSON integer ≥ 0 (safetensors' usize): not a bool, a float such as 2.0, a string or a negative."""
     return type(value) is int and value >= 0
@@ -167,6 +177,10 @@ def _check_entry(path: str, key: str, info: object) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise LoraError("malformed tensor entry in header (needs dtype, shape and data_offsets)", file=path,
                         layer=key, fix=_CORRUPT)
+    for field, value in info.items():  # unknown fields are ignored, as by safetensors, within its JSON depth
+        if field not in ("dtype", "shape", "data_offsets") and _too_deep(value, _MAX_DEPTH - 3):
+            raise LoraError(f"header field {_printable(field)!r} is nested more than {_MAX_DEPTH} levels deep",
+                            file=path, layer=key, fix=_CORRUPT)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ST_TO_TORCH:
         raise LoraError(f"unknown dtype {dtype!r}", file=path, layer=key, fix="re-save the LoRA in fp16/bf16/fp32")

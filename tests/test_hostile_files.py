@@ -1,9 +1,10 @@
 """Hostile LoRA files (issue 12, the file classes): each is refused with the project's own error.
 
-One table, ``BAD``, of 60 distinct bad files (32 of them malformed safetensors that the library
+One table, ``BAD``, of 61 distinct bad files (33 of them malformed safetensors that the library
 refuses too) built here byte by byte, or with safetensors for files whose format is valid but whose
 values are not:
-- the header as a whole (10): deep JSON nesting, a header over safetensors' 100 MB limit, UTF-16,
+- the header as a whole (11): deep JSON nesting (100,000 levels, and an unknown field nested past
+  the library's 128 levels), a header over safetensors' 100 MB limit, UTF-16,
   invalid UTF-8, NUL padding, NaN and Infinity literals, a top-level array, a tensor key given twice,
   an unpaired UTF-16 surrogate;
 - ``__metadata__`` not a str→str map (5): an array, a string, number, object and null values;
@@ -117,6 +118,9 @@ _LAYOUT_TOO_BIG = "sparse file with a header length over 100 MB"
 BAD = [
     # --- the header as a whole ---
     ("deep_json_nesting", _blob(raw=_DEEP), ["nested too deeply"], True),
+    ("extra_field_nested_past_128", _blob(raw=json.dumps(_entries()).replace(
+        '"data_offsets": [0, 1024]', '"data_offsets": [0, 1024], "x": ' + "[" * 126 + "]" * 126).encode(),
+        data=b"\0" * 1536), ["nested more than 128 levels deep", UP], True),
     ("header_over_100MB_limit", _LAYOUT_TOO_BIG, ["100,000,000-byte limit"], True),
     ("header_utf16", _blob(raw=json.dumps(_entries()).encode("utf-16"), data=b"\0" * 1536), ["not valid"], True),
     ("header_invalid_utf8", _blob(raw=b'{"\xff\xfe":1}'), ["not valid"], True),
@@ -212,7 +216,7 @@ BAD = [
     ("pickle_protocol_4", _pickle_bytes(), ["pickle", "never unpickled"], True),
     ("torch_zip_checkpoint", "torch.save", ["pickle", "never unpickled"], True),
 ]
-assert len({case[0] for case in BAD}) == len(BAD) == 60
+assert len({case[0] for case in BAD}) == len(BAD) == 61
 
 
 def _make(tmp_path, name: str, content) -> str:
