@@ -2,6 +2,12 @@
 
 A first argument that is not a subcommand means `resize`, so the seed tool's call shape
 `lora-resize CHECKPOINT LORA... -o DIR -r RECIPES` works unchanged.
+
+Exit codes: 0 done; 2 the command line itself is wrong (argparse's own errors, a recipe, a device, a
+merge weight, a dtype, an output path that can never work: a UsageError); 1 the run failed (a bad
+file, a base that does not match, a folder that cannot be written now, a failed write, or a bug);
+130 interrupted. A user never sees a traceback unless they ask with -vv: an unexpected exception is
+one line naming its type.
 """
 from __future__ import annotations
 
@@ -10,9 +16,10 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Callable, Optional, Sequence
 
-from .errors import LoraError
+from .errors import LoraError, UsageError
 from .resize_cli import add_resize_parser
 
 log = logging.getLogger("lora_resize")
@@ -40,9 +47,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .formats import parse_dtype, read_lora, write_lora
     from .metadata import file_sha256
+    from .outputs import check_output_file
 
+    try:
+        dtype = parse_dtype(args.dtype)
+    except LoraError as exc:
+        raise UsageError(f"-t {args.dtype}: {exc.problem}", fix=exc.fix) from None
+    check_output_file(args.output, overwrite=args.overwrite)  # before reading: a long read, then no place to write
     lora = read_lora(args.input, arch=args.arch)
-    size = write_lora(lora, args.output, convention=args.format, dtype=parse_dtype(args.dtype),
+    size = write_lora(lora, args.output, convention=args.format, dtype=dtype,
                       operation="convert", sources=[{"file": os.path.basename(args.input),
                                                      "sha256": file_sha256(args.input)}],
                       overwrite=args.overwrite)
@@ -81,20 +94,51 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (never raises, SystemExit included)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, handlers = build_parser()
     if argv and argv[0] not in handlers and (argv[0] == "-" or not argv[0].startswith("-")):
         argv = ["resize", *argv]
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage and the error (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
     if not args.command:
         parser.print_help()
         return 2
-    _setup_logging(getattr(args, "verbose", 0))
+    verbosity = getattr(args, "verbose", 0)
+    _setup_logging(verbosity)
     try:
         return handlers[args.command](args)
+    except UsageError as exc:
+        _traceback_if(verbosity)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except LoraError as exc:
+        _traceback_if(verbosity)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        _traceback_if(verbosity)
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an OS failure: one line, the traceback only on request
+        _traceback_if(verbosity)
+        print(f"error: {unexpected(exc)}", file=sys.stderr)
+        if verbosity < 2:
+            print("run with -vv for the traceback", file=sys.stderr)
+        return 1
+
+
+def unexpected(exc: BaseException) -> str:
+    """One line for an exception that is not the project's own: its type and its message."""
+    message = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {message[:500]}"
+
+
+def _traceback_if(verbosity: int) -> None:
+    if verbosity >= 2:
+        traceback.print_exc(file=sys.stderr)
 
 
 if __name__ == "__main__":

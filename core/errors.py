@@ -33,3 +33,7 @@ class LoraError(Exception):
 
 class UnsupportedFormat(LoraError):
     """A recognised but unsupported adapter family (IA3, OFT, ...)."""
+
+
+class UsageError(LoraError):
+    """Something wrong with the command line itself (a recipe, a device, a weight, a flag): the CLI exits 2."""

@@ -8,6 +8,7 @@ source's rank segment recorded, so its contribution can be scaled or switched of
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -58,8 +59,8 @@ def merge(sources: Sequence[tuple[LoraFile, float]], *, join: bool = False) -> L
         names = ", ".join(f"{lora.label} ({lora.architecture})" for lora, _ in sources)
         raise LoraError(f"cannot merge LoRAs of different architectures: {names}",
                         fix="merge only LoRAs made for the same base model")
+    weights = [_finite_weight(lora, w) for lora, w in sources]
     loras = _normalise_slices([lora for lora, _ in sources])
-    weights = [float(w) for _, w in sources]
     keys: dict[str, None] = {}
     for lora in loras:
         keys.update(dict.fromkeys(lora.layers))
@@ -77,6 +78,20 @@ def merge(sources: Sequence[tuple[LoraFile, float]], *, join: bool = False) -> L
             {"file": lora.label, "weight": weight, "segments": segments[i]}
             for i, (lora, weight) in enumerate(zip(loras, weights))]})
     return LoraFile(layers, archs.pop() if archs else "unknown", "merge", metadata, None, [])
+
+
+def _finite_weight(lora: LoraFile, weight) -> float:
+    """A merge weight as a float; NaN or ±Inf would make every merged factor non-finite (and end in a
+    LinAlgError deep in the decomposition), so they are refused here, naming the file."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise LoraError(f"merge weight {weight!r} is not a number", file=lora.label,
+                        fix="give a finite number, e.g. 0.7 or -0.3") from None
+    if not math.isfinite(value):
+        raise LoraError(f"merge weight {weight!r} is not a finite number", file=lora.label,
+                        fix="give a finite number, e.g. 0.7 or -0.3")
+    return value
 
 
 def _merge_layer(key: str, present: list[tuple[int, Layer]], weights: list[float],

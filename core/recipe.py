@@ -8,10 +8,12 @@ Reducers: ``method=svd|rsvd|randproj`` with ``niter=``, ``sparse=``, ``seed=``. 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from .errors import LoraError
+from .errors import LoraError, UsageError
 
 SCORE_METHODS = ("spn_ckpt", "spn_lora", "fro_ckpt", "fro_lora", "subspace", "params")
 BASE_METHODS = {"spn_ckpt", "fro_ckpt", "subspace"}
@@ -20,6 +22,27 @@ DEFAULT_RECIPE = "fro_ckpt=1,thr=-3.5"
 _NUMBER_KEYS = {"thr": float, "size": float, "rescale": float, "rank": int, "conv_rank": int,
                 "sv_ratio": float, "sv_fro": float, "sv_cumulative": float, "niter": int, "sparse": float,
                 "seed": int}
+# key: (low, high, low included, why). Bounds keep every number finite, every file name short and every
+# run finite in time; the reasons are shown to the user.
+_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "thr": (-999, 999, True, "it is a log10 score threshold (real LoRAs score within about ±20)"),
+    "size": (0, 1e6, False, "it is the file size in MiB (10⁶ MiB is a terabyte)"),
+    "rescale": (1e-4, 1e4, True, "it multiplies ΔW: beyond 10⁴ the result overflows fp16 and is another LoRA, "
+                "below 10⁻⁴ it vanishes; use the strength in the loader instead"),
+    "rank": (1, 65536, True, "it is a rank per layer (no layer is wider than 65536)"),
+    "conv_rank": (1, 65536, True, "it is a rank per conv layer (no layer is wider than 65536)"),
+    "sv_ratio": (1, 1e6, True, "it is the ratio of the largest singular value to the smallest kept"),
+    "sv_fro": (0, 1, False, "it is the fraction of the Frobenius norm to keep"),
+    "sv_cumulative": (0, 1, False, "it is the fraction of the sum of singular values to keep"),
+    "niter": (0, 100, True, "it counts the randomized SVD's power iterations (beyond ~10 nothing changes)"),
+    "sparse": (0, 1, False, "it is the density of the random projection"),
+    "seed": (0, 2**64 - 1, True, "it seeds torch's generator, which takes 0 to 2⁶⁴−1"),
+    "weight": (0, 1e6, True, "weights are normalised to sum 1; a negative one would reward what the method "
+               "penalises"),
+}
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INT = re.compile(r"[+-]?[0-9]{1,20}")
+_NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 _ATTRIBUTE = {"thr": "threshold", "size": "size_mib"}
 
 
@@ -85,14 +108,46 @@ def format_float(value: float, places: int = 2) -> str:
 
 
 def _bad(token: str, recipe: str, why: str, fix: str) -> LoraError:
-    return LoraError(f"recipe {recipe!r}: bad token {token!r}: {why}", fix=fix)
+    return UsageError(f"recipe {recipe!r}: bad token {token!r}: {why}", fix=fix)
+
+
+def _show(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else format_float(bound, 4)
+
+
+def parse_number(value: str, kind: type, key: str, token: str, recipe: str) -> float:
+    """A finite number in ``key``'s range, strictly: no nan/inf, no ``1_0``, no ``1e3`` for an integer.
+
+    Python's float() and int() accept all of those, and each once reached a run (a file name too long,
+    a run that never ends, a file of NaNs)."""
+    value = value.strip()
+    example = f"{key}=<number>" if key != "weight" else f"{token.partition('=')[0]}=0.5"
+    if kind is int and not _INT.fullmatch(value):
+        if _FLOAT.fullmatch(value) or _NON_FINITE.fullmatch(value):
+            raise _bad(token, recipe, f"{key} takes a whole number, not {value!r}", f"write e.g. {key}=16")
+        raise _bad(token, recipe, f"{value!r} is not a whole number", f"write e.g. {key}=16")
+    if kind is float and not _FLOAT.fullmatch(value):
+        if _NON_FINITE.fullmatch(value):
+            raise _bad(token, recipe, f"{value!r} is not a finite number", f"write {example} with a finite value")
+        raise _bad(token, recipe, f"{value!r} is not a number", f"write {example}")
+    number = kind(value)
+    if not math.isfinite(number):
+        raise _bad(token, recipe, f"{value!r} is beyond the range of a float", f"write {example} with a "
+                   "reasonable value")
+    low, high, low_included, why = _RANGES[key]
+    if number > high or number < low or (number == low and not low_included):
+        bound = "≥" if low_included else ">"
+        name = f"the weight of {token.partition('=')[0]}" if key == "weight" else key
+        raise _bad(token, recipe, f"{name} must be {bound} {_show(low)} and ≤ {_show(high)}, because {why}",
+                   f"change {token}")
+    return number
 
 
 def parse_recipe(text: str) -> Recipe:
-    """One recipe; raises LoraError naming the offending token."""
+    """One recipe; raises UsageError (a LoraError) naming the offending token and the fix."""
     text = text.strip()
     if not text:
-        raise LoraError("empty recipe", fix=f"write e.g. {DEFAULT_RECIPE}")
+        raise UsageError("empty recipe", fix=f"write e.g. {DEFAULT_RECIPE}")
     recipe = Recipe(text=text)
     raw_weights: dict[str, float] = {}
     seen: set[str] = set()
@@ -106,72 +161,70 @@ def parse_recipe(text: str) -> Recipe:
             raise _bad(token, text, f"{key} is given twice", "keep one")
         seen.add(key)
         if key in SCORE_METHODS:
-            try:
-                raw_weights[key] = float(value) if eq else 1.0
-            except ValueError:
-                raise _bad(token, text, "the weight is not a number", f"write {key}=0.5 or just {key}") from None
+            if eq and not value.strip():
+                raise _bad(token, text, "the weight is not a number", f"write {key}=0.5 or just {key}")
+            raw_weights[key] = parse_number(value, float, "weight", token, text) if eq else 1.0
             continue
         if key == "method":
-            if value not in REDUCERS:
+            if value.strip() not in REDUCERS:
                 raise _bad(token, text, f"unknown reducer {value!r}", f"use one of {', '.join(REDUCERS)}")
-            recipe.method = value
+            recipe.method = value.strip()
             continue
         if key not in _NUMBER_KEYS:
             raise _bad(token, text, "unknown key", "known keys: " + ", ".join(SCORE_METHODS + tuple(_NUMBER_KEYS))
                        + ", method")
         if not eq or not value.strip():
             raise _bad(token, text, "needs a value", f"write {key}=<number>")
-        try:
-            number = _NUMBER_KEYS[key](value)
-        except ValueError:
-            raise _bad(token, text, f"{value!r} is not a valid {_NUMBER_KEYS[key].__name__}",
-                       f"write {key}=<number>") from None
-        setattr(recipe, _ATTRIBUTE.get(key, key), number)
+        setattr(recipe, _ATTRIBUTE.get(key, key), parse_number(value, _NUMBER_KEYS[key], key, token, text))
     _validate(recipe, raw_weights, text)
     return recipe
 
 
 def _validate(recipe: Recipe, raw_weights: dict[str, float], text: str) -> None:
+    """Combinations of tokens (each number was range-checked when parsed)."""
     selections = [k for k in ("threshold", "size_mib", "sv_ratio", "sv_fro", "sv_cumulative")
                   if getattr(recipe, k) is not None]
     if len(selections) > 1:
         names = {"threshold": "thr", "size_mib": "size"}
         chosen = ' and '.join(names.get(s, s) for s in selections)
-        raise LoraError(f"recipe {text!r}: choose one selection, not {chosen}",
-                        fix="use thr=, size=, sv_ratio=, sv_fro= or sv_cumulative= (rank= may cap any of them)")
+        raise UsageError(f"recipe {text!r}: choose one selection, not {chosen}",
+                         fix="use thr=, size=, sv_ratio=, sv_fro= or sv_cumulative= (rank= may cap any of them)")
     if not selections and recipe.rank is None and recipe.conv_rank is None:
-        raise LoraError(f"recipe {text!r} has no selection", fix="add thr=-3.5, size=<MiB>, rank=<N> or sv_ratio=<R>")
+        raise UsageError(f"recipe {text!r} has no selection",
+                         fix="add thr=-3.5, size=<MiB>, rank=<N> or sv_ratio=<R>")
     total = sum(raw_weights.values())
     if recipe.scored:
         if not raw_weights or total == 0:
-            raise LoraError(f"recipe {text!r}: thr=/size= need a scoring method with a non-zero weight",
-                            fix="add e.g. fro_ckpt=1 (methods: " + ", ".join(SCORE_METHODS) + ")")
+            raise UsageError(f"recipe {text!r}: thr=/size= need a scoring method with a non-zero weight",
+                             fix="add e.g. fro_ckpt=1 (methods: " + ", ".join(SCORE_METHODS) + ")")
         recipe.weights = {k: v / total for k, v in raw_weights.items() if v != 0}
     elif raw_weights:
-        raise LoraError(f"recipe {text!r}: scoring methods only matter with thr= or size=",
-                        fix="remove " + ", ".join(raw_weights) + " or add thr=/size=")
-    checks = [
-        (recipe.size_mib is not None and recipe.size_mib <= 0, "size", "must be positive"),
-        (recipe.rank is not None and recipe.rank < 1, "rank", "must be at least 1"),
-        (recipe.conv_rank is not None and recipe.conv_rank < 1, "conv_rank", "must be at least 1"),
-        (recipe.sv_ratio is not None and recipe.sv_ratio < 1, "sv_ratio", "must be at least 1"),
-        (recipe.sv_fro is not None and not 0 < recipe.sv_fro <= 1, "sv_fro", "must be in (0, 1]"),
-        (recipe.sv_cumulative is not None and not 0 < recipe.sv_cumulative <= 1, "sv_cumulative",
-         "must be in (0, 1]"),
-        (recipe.rescale <= 0, "rescale", "must be positive"),
-        (recipe.sparse is not None and not 0 < recipe.sparse <= 1, "sparse", "is a density in (0, 1]"),
-        (recipe.niter < 0, "niter", "must be ≥ 0"),
-    ]
-    for failed, key, why in checks:
-        if failed:
-            raise LoraError(f"recipe {text!r}: {key} {why}", fix=f"change {key}=")
+        raise UsageError(f"recipe {text!r}: scoring methods only matter with thr= or size=",
+                         fix="remove " + ", ".join(raw_weights) + " or add thr=/size=")
     if recipe.method == "randproj" and (recipe.scored or recipe.kohya_rule):
-        raise LoraError(f"recipe {text!r}: method=randproj reduces to a fixed rank",
-                        fix="use rank=<N> (and conv_rank=) with method=randproj")
+        raise UsageError(f"recipe {text!r}: method=randproj reduces to a fixed rank",
+                         fix="use rank=<N> (and conv_rank=) with method=randproj")
     if recipe.sparse is not None and recipe.method != "randproj":
-        raise LoraError(f"recipe {text!r}: sparse= only applies to method=randproj", fix="add method=randproj")
+        raise UsageError(f"recipe {text!r}: sparse= only applies to method=randproj", fix="add method=randproj")
+
+
+def _output_identity(recipe: Recipe) -> Optional[object]:
+    """What decides a recipe's output name before any work: its slug, with the threshold for thr=;
+    for size= (whose threshold is found later) the recipe's numbers, since equal numbers give one name."""
+    if recipe.size_mib is not None:
+        return repr(replace(recipe, text=""))
+    return recipe.slug(recipe.threshold if recipe.scored else None)
 
 
 def parse_recipes(text: str) -> list[Recipe]:
-    """``:``-separated recipes (the seed tool's -r argument)."""
-    return [parse_recipe(part) for part in text.split(":")]
+    """``:``-separated recipes (the seed tool's -r argument). Two recipes that would write the same file
+    are refused here, before any work."""
+    recipes = [parse_recipe(part) for part in text.split(":")]
+    seen: dict[object, Recipe] = {}
+    for recipe in recipes:
+        identity = _output_identity(recipe)
+        if identity in seen:
+            raise UsageError(f"recipes {seen[identity].text!r} and {recipe.text!r} give the same output file",
+                             fix="remove one, or make them differ")
+        seen[identity] = recipe
+    return recipes

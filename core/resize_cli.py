@@ -4,19 +4,29 @@ The seed tool's arguments and output names. A LORA argument may be a weighted me
 ``"a.safetensors:0.7,b.safetensors:-0.3"`` (Windows drive letters are fine: only a trailing
 ``:<number>`` is a weight). CHECKPOINT ``-`` means no base (recipes that need one fail clearly).
 The base is opened once for all LoRAs and its norms are cached beside it.
+
+What can be checked without work is checked first: recipes, the device, merge weights, output folders
+(core.outputs). Each LoRA is then all or nothing: all recipes' files are planned and checked (names,
+no duplicates, no existing file, room on the disk) before the first is written, and if a write still
+fails the files already written for that LoRA are removed. A batch goes on past a bad LoRA and ends
+with "N done, M failed" and exit code 1.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
+import shutil
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from .errors import LoraError
+from .errors import LoraError, UsageError
 from .recipe import DEFAULT_RECIPE, Recipe, format_float, parse_recipes
 
 log = logging.getLogger("lora_resize")
@@ -24,19 +34,33 @@ _DTYPES = {"16": torch.float16, "fp16": torch.float16, "32": torch.float32, "fp3
            "bf16": torch.bfloat16}
 
 
+_WEIGHT = re.compile(r"\s*[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)\s*",
+                     re.IGNORECASE)
+_MERGE_FIX = "write a.safetensors:0.7,b.safetensors:-0.3 with finite weights"
+
+
 def parse_lora_spec(spec: str) -> list[tuple[str, float]]:
-    """``a:0.7,b:0.3`` -> [(a, 0.7), (b, 0.3)]; a plain path -> [(path, 1.0)]."""
+    """``a:0.7,b:0.3`` -> [(a, 0.7), (b, 0.3)]; a plain path -> [(path, 1.0)].
+
+    Only a trailing ``:<number>`` is a weight (so ``C:\\loras\\a.safetensors`` is a path). A weight that
+    is not finite (``nan``, ``inf``, ``1e400``) is a UsageError naming the file and the weight: it once
+    reached the merge and ended in a LinAlgError. Whether the files exist is checked when each is read."""
     if os.path.exists(spec):
         return [(spec, 1.0)]
     members = []
     for entry in spec.split(","):
         path, sep, weight = entry.rpartition(":")
-        if sep:
-            try:
-                members.append((path, float(weight)))
-                continue
-            except ValueError:
-                pass  # the colon belongs to the path (C:\...)
+        if sep and _WEIGHT.fullmatch(weight):
+            if not path:
+                raise UsageError(f"merge {spec!r}: the weight {weight!r} has no file before it", fix=_MERGE_FIX)
+            value = float(weight)
+            if not math.isfinite(value):
+                raise UsageError(f"merge weight {weight.strip()!r} is not a finite number", file=path,
+                                 fix=_MERGE_FIX)
+            members.append((path, value))
+            continue
+        if not entry.strip():
+            raise UsageError(f"merge {spec!r} has an empty entry", fix="remove the extra comma")
         members.append((entry, 1.0))
     return members
 
@@ -61,16 +85,30 @@ def _log_scores(scores: torch.Tensor | None) -> None:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
+    """Every check that needs no work comes first (recipes, device, merge weights, output folders,
+    the base's header); then each LoRA is all or nothing: every recipe's result, output name and size
+    are known and checked before its first file is written (so all results are held in memory at
+    once, about the size of the files written). A batch goes on past a bad LoRA and exits 1 at the
+    end, with a summary."""
     from tqdm import tqdm
 
-    from .formats import read_lora, write_lora
-    from .merge import merge
-    from .metadata import file_sha256
-    from .resize import provenance_extra, resize
+    from .devices import resolve_device
+    from .outputs import check_output_folder
 
     recipes = parse_recipes(args.score_recipes)
     dtype = _DTYPES[args.output_dtype]
-    device = torch.device(args.device) if args.device else None
+    device = resolve_device(args.device)
+    specs = [(spec, parse_lora_spec(spec)) for spec in args.lora_model_paths]
+    if args.checkpoint == "-" and any(r.needs_base for r in recipes):
+        needing = next(r.text for r in recipes if r.needs_base)
+        raise UsageError(f"recipe {needing!r} compares with the base checkpoint, but CHECKPOINT is '-'",
+                         fix="pass the base checkpoint, or use spn_lora/fro_lora/params, rank= or sv_ratio=")
+    if args.output_folder is not None:
+        out_dir = check_output_folder(args.output_folder, "output folder (-o)")
+    else:
+        out_dir = None
+        for folder in dict.fromkeys(Path(m[0][0]).parent for _, m in specs if os.path.isfile(m[0][0])):
+            check_output_folder(folder, "output folder (beside the LoRA; -o to choose another)")
     base = cache = None
     if args.checkpoint != "-":
         from .base import open_base
@@ -78,10 +116,6 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
         base = open_base(args.checkpoint)
         cache = NormCache.for_checkpoint(args.checkpoint)
-    elif any(r.needs_base for r in recipes):
-        needing = next(r.text for r in recipes if r.needs_base)
-        raise LoraError(f"recipe {needing!r} compares with the base checkpoint, but CHECKPOINT is '-'",
-                        fix="pass the base checkpoint, or use spn_lora/fro_lora/params, rank= or sv_ratio=")
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -90,11 +124,60 @@ def cmd_resize(args: argparse.Namespace) -> int:
             bar = bars[stage] = tqdm(total=total, desc=stage, leave=False, disable=args.quiet)
         bar.update(done - bar.n)
 
-    out_dir = Path(args.output_folder) if args.output_folder else None
-    for spec in args.lora_model_paths:
-        members = parse_lora_spec(spec)
+    job = _Job(recipes, base, cache, device, dtype, args, progress, bars)
+    if len(specs) == 1:
+        try:
+            job.run(*specs[0], out_dir)
+        finally:
+            job.save_cache()
+        return 0
+    failed = 0
+    for spec, members in specs:
+        try:
+            job.run(spec, members, out_dir)
+        except Exception as exc:  # a batch goes on past a bad LoRA; main() handles KeyboardInterrupt
+            failed += 1
+            if args.verbose >= 2:
+                log.exception("%s failed", spec)
+            text = str(exc.with_file(spec)) if isinstance(exc, LoraError) else f"{spec}: {_unexpected(exc)}"
+            print(f"error: {text}", file=sys.stderr)
+        finally:
+            job.save_cache()
+    summary = f"{len(specs) - failed} done, {failed} failed"
+    print(summary, file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
+
+
+def _unexpected(exc: BaseException) -> str:
+    from .cli import unexpected
+
+    return unexpected(exc) + " (run with -vv for the traceback)"
+
+
+class _Job:
+    """What every LoRA of one command shares: recipes, base, cache, device and the output settings."""
+
+    def __init__(self, recipes, base, cache, device, dtype, args, progress, bars):
+        self.recipes, self.base, self.cache, self.device, self.dtype = recipes, base, cache, device, dtype
+        self.args, self.progress, self.bars = args, progress, bars
+
+    def save_cache(self) -> None:
+        if self.cache is not None:
+            self.cache.save()  # after each LoRA: a later failure keeps the norms already computed
+
+    def run(self, spec: str, members: list[tuple[str, float]], out_dir: Path | None) -> None:
+        from .formats import read_lora
+        from .merge import merge
+        from .metadata import file_sha256
+        from .resize import resize
+
+        args = self.args
+        for path, _ in members:
+            if not os.path.exists(path):
+                raise LoraError("LoRA file not found", file=path,
+                                fix="check the path (a merge is a.safetensors:0.7,b.safetensors:-0.3)")
         with ThreadPoolExecutor(max_workers=1) as pool:  # hash the sources while reading them
-            digests = [(p, w, pool.submit(file_sha256, p)) for p, w in members if os.path.exists(p)]
+            digests = [(p, w, pool.submit(file_sha256, p)) for p, w in members]
             loras = [(read_lora(path, arch=args.arch), weight) for path, weight in members]
             sources = [{"file": os.path.basename(p), "sha256": d.result(), "weight": w} for p, w, d in digests]
         if len(loras) == 1 and loras[0][1] == 1.0:
@@ -102,22 +185,116 @@ def cmd_resize(args: argparse.Namespace) -> int:
         else:
             lora, operation = merge(loras), "merge+resize"
         folder = out_dir or Path(members[0][0]).parent
-        stem = _merge_name(members)
-        results = resize(lora, recipes, base=base, device=device, cache=cache, convention=args.format,
-                         dtype=dtype, sources=sources, progress=progress)
-        for result in results:
-            for bar in bars.values():
+        try:
+            results = list(resize(lora, self.recipes, base=self.base, device=self.device, cache=self.cache,
+                                  convention=args.format, dtype=self.dtype, sources=sources,
+                                  progress=self.progress))
+        finally:
+            for bar in self.bars.values():
                 bar.close()
-            bars.clear()
-            path = folder / output_name(stem, result.recipe, result.threshold)
-            size = write_lora(result.lora, path, convention=args.format, dtype=dtype, operation=operation,
-                              recipe=result.recipe.text, sources=sources,
-                              extra_provenance=provenance_extra(result),
-                              overwrite=args.overwrite)
-            _report(result, path, size, args.verbose)
-        if cache is not None:
-            cache.save()  # after each LoRA: a later failure keeps the norms already computed
-    return 0
+            self.bars.clear()
+        plans = plan_outputs(results, folder, _merge_name(members), convention=args.format, dtype=self.dtype,
+                             operation=operation, sources=sources, overwrite=args.overwrite, label=spec)
+        sizes = write_all(plans, convention=args.format, dtype=self.dtype, operation=operation, sources=sources,
+                          overwrite=args.overwrite)
+        for plan, size in zip(plans, sizes):
+            _report(plan.result, plan.path, size, args.verbose)
+
+
+class _Plan:
+    def __init__(self, result, path: Path, size: int):
+        self.result, self.path, self.size = result, path, size
+
+
+def plan_outputs(results, folder: Path, stem: str, *, convention: str, dtype, operation: str, sources,
+                 overwrite: bool, label: str) -> list[_Plan]:
+    """Every output's path and exact size, checked before the first write: each recipe keeps something,
+    no two recipes name one file, no output exists (unless ``overwrite``), each name fits the file
+    system, and the folder has room for all of them."""
+    from .formats.writer import encoded_size
+    from .outputs import name_limits, nearest_existing
+    from .resize import provenance_extra
+
+    nothing = "; nothing was written for this LoRA"
+    existing = nearest_existing(folder, "output folder")
+    name_max, _ = name_limits(str(existing))
+    plans: list[_Plan] = []
+    names: dict[str, str] = {}
+    for result in results:
+        recipe = result.recipe.text
+        if not result.lora.layers:
+            raise LoraError(f"recipe {recipe!r} keeps nothing: every layer was dropped{nothing}", file=label,
+                            fix="loosen the threshold or raise the size/rank target")
+        name = output_name(stem, result.recipe, result.threshold)
+        if name in names:
+            raise LoraError(f"recipes {names[name]!r} and {recipe!r} both give {name}{nothing}", file=label,
+                            fix="remove one of the recipes, or make them differ")
+        names[name] = recipe
+        if len(os.fsencode(name)) > name_max:
+            raise LoraError(f"the output name for recipe {recipe!r} would be {len(os.fsencode(name))} bytes, more "
+                            f"than the file system's {name_max}{nothing}", file=label,
+                            fix="rename the LoRA file to something shorter, or shorten the recipe")
+        path = folder / name
+        if os.path.lexists(path) and not overwrite:
+            raise LoraError(f"output file already exists (recipe {recipe!r}){nothing}", file=str(path),
+                            fix="choose another output folder or ask to overwrite (--overwrite)")
+        size = encoded_size(result.lora, convention=convention, dtype=dtype, operation=operation, recipe=recipe,
+                            sources=sources, extra_provenance=provenance_extra(result))
+        plans.append(_Plan(result, path, size))
+    _check_space(plans, existing, folder, overwrite, nothing)
+    return plans
+
+
+def _check_space(plans: list[_Plan], existing: Path, folder: Path, overwrite: bool, nothing: str) -> None:
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # the writer reports what really happens
+    replaced = sum(os.path.getsize(p.path) for p in plans if overwrite and os.path.isfile(p.path))
+    need = max(sum(p.size for p in plans) - replaced, max((p.size for p in plans), default=0))
+    if need > free:
+        raise LoraError(f"no space left in {folder}: the {len(plans)} output file(s) need {need / 2**20:.3f} MiB, "
+                        f"{free / 2**20:.3f} MiB are free{nothing}",
+                        fix="free some space there or choose another output folder (-o)")
+
+
+def write_all(plans: list[_Plan], *, convention: str, dtype, operation: str, sources, overwrite: bool) -> list[int]:
+    """Write every planned file; if one fails, the files this call created are removed (all or nothing
+    per LoRA) and the error says so. Files it replaced under ``overwrite`` cannot be restored."""
+    from .formats import write_lora
+    from .resize import provenance_extra
+
+    created: list[Path] = []
+    sizes: list[int] = []
+    try:
+        for plan in plans:
+            existed = os.path.lexists(plan.path)
+            sizes.append(write_lora(plan.result.lora, plan.path, convention=convention, dtype=dtype,
+                                    operation=operation, recipe=plan.result.recipe.text, sources=sources,
+                                    extra_provenance=provenance_extra(plan.result), overwrite=overwrite))
+            if not existed:
+                created.append(plan.path)
+    except BaseException as exc:
+        removed = _remove(created)
+        if not removed:
+            raise
+        note = f"the {len(removed)} file(s) already written for this LoRA were removed ({', '.join(removed)})"
+        if isinstance(exc, LoraError):
+            raise LoraError(f"{exc.problem}; {note}", file=exc.file, layer=exc.layer, fix=exc.fix) from exc
+        log.warning(note)
+        raise
+    return sizes
+
+
+def _remove(paths: list[Path]) -> list[str]:
+    removed = []
+    for path in paths:
+        try:
+            os.unlink(path)
+            removed.append(path.name)
+        except OSError:
+            log.warning("could not remove %s", path)
+    return removed
 
 
 def _report(result, path: Path, size: int, verbosity: int) -> None:

@@ -53,3 +53,51 @@ def test_bad_token_is_named(text, token):
 def test_invalid_combinations(text, words):
     with pytest.raises(LoraError, match=words):
         parse_recipe(text)
+
+
+@pytest.mark.parametrize("text, token, words", [
+    ("fro_ckpt,thr=nan", "thr=nan", "not a finite number"),
+    ("fro_ckpt,thr=-inf", "thr=-inf", "not a finite number"),
+    ("fro_ckpt,thr=1e400", "thr=1e400", "beyond the range of a float"),
+    ("fro_ckpt,thr=1000", "thr=1000", "log10 score threshold"),
+    ("fro_ckpt,size=1e300", "size=1e300", "≤ 1000000"),
+    ("fro_ckpt,size=0", "size=0", "> 0"),
+    ("rank=4,rescale=1e30", "rescale=1e30", "overflows fp16"),
+    ("rank=4,rescale=0", "rescale=0", "≥ 0.0001"),
+    ("spn_lora=-0.5,thr=-1", "spn_lora=-0.5", "the weight of spn_lora must be ≥ 0"),
+    ("spn_lora=nan,thr=-1", "spn_lora=nan", "not a finite number"),
+    ("sv_ratio=0.5", "sv_ratio=0.5", "≥ 1"),
+    ("sv_fro=nan", "sv_fro=nan", "not a finite number"),
+    ("sv_cumulative=0", "sv_cumulative=0", "> 0"),
+    ("rank=2,method=rsvd,niter=101", "niter=101", "≤ 100"),
+    ("rank=65537", "rank=65537", "≤ 65536"),
+    ("rank=16.0", "rank=16.0", "whole number"),
+    ("rank=+1_6", "rank=+1_6", "not a whole number"),
+    ("rank=١٦", "rank=١٦", "not a whole number"),  # int() accepts Arabic-Indic digits
+    ("rank=2,method=randproj,seed=18446744073709551616", "seed=18446744073709551616", "≤ 18446744073709551615"),
+])
+def test_numbers_are_finite_and_in_range(text, token, words):
+    """float()/int() accept nan, inf, 1e400→inf, 1_6 and non-ASCII digits; the grammar does not."""
+    from core.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        parse_recipe(text)
+    assert repr(token) in str(info.value) and words in str(info.value)
+
+
+def test_duplicate_outputs_are_refused_when_the_recipes_are_parsed():
+    from core.errors import UsageError
+
+    with pytest.raises(UsageError, match="'fro_ckpt=1,thr=-3' and 'fro_ckpt=1.0,thr=-3.00' give the same output"):
+        parse_recipes("fro_ckpt=1,thr=-3:fro_ckpt=1.0,thr=-3.00")
+    with pytest.raises(UsageError, match="give the same output"):
+        parse_recipes("spn_lora,size=2:spn_lora,size=2")
+    assert len(parse_recipes("spn_lora,size=2:spn_lora,size=2.5:rank=2:rank=3")) == 4
+
+
+def test_ordinary_spellings_still_parse():
+    r = parse_recipe(" fro_ckpt = 1e+06 , spn_lora=.5 , thr = -3.  ")
+    assert r.threshold == -3.0 and r.weights == {"fro_ckpt": 1e6 / (1e6 + 0.5), "spn_lora": 0.5 / (1e6 + 0.5)}
+    r = parse_recipe("rank=65536,method=randproj,seed=18446744073709551615,sparse=1")
+    assert (r.rank, r.seed, r.sparse) == (65536, 2**64 - 1, 1.0)
+    assert parse_recipe("rank=2,rescale=1e4").rescale == 1e4

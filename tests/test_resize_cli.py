@@ -110,12 +110,13 @@ def test_windows_paths_and_merge_specs(tmp_path):
 
 
 def test_base_needed_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    """Both are wrong command lines: exit 2, like argparse's own errors."""
     src = os.path.join(LORA_DIR, "sd15_kohya_via_diffusers.safetensors")
-    assert main(["-", src, "-o", str(tmp_path), "-r", "fro_ckpt=1,thr=-3.5"]) == 1
+    assert main(["-", src, "-o", str(tmp_path), "-r", "fro_ckpt=1,thr=-3.5"]) == 2
     err = capsys.readouterr().err
     assert "fro_ckpt=1,thr=-3.5" in err and "CHECKPOINT is '-'" in err
     assert not os.listdir(tmp_path)
-    assert main(["-", src, "-o", str(tmp_path), "-r", "fro_ckpt=1,trh=-3"]) == 1
+    assert main(["-", src, "-o", str(tmp_path), "-r", "fro_ckpt=1,trh=-3"]) == 2
     assert "'trh=-3'" in capsys.readouterr().err
 
 
@@ -149,8 +150,7 @@ def test_metadata_kept_updated_and_hashed(tmp_path):
     data = path.read_bytes()
     header = int.from_bytes(data[:8], "little")
     assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + header:]).hexdigest()
-    with pytest.raises(SystemExit):
-        main(["-", src, "-o", str(tmp_path), "-r", "rank=2", "--bogus"])
+    assert main(["-", src, "-o", str(tmp_path), "-r", "rank=2", "--bogus"]) == 2  # argparse's error, no SystemExit
     assert main(["-", src, "-o", str(tmp_path), "-r", "rank=2", "-q"]) == 1  # never overwrites
     assert os.listdir(tmp_path) == [out]
 
