@@ -5,7 +5,6 @@ Everything that touches ComfyUI's modules lives here, so node files stay declara
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Callable, Optional
 
 import comfy.lora
@@ -16,6 +15,7 @@ import torch
 
 from ..core.base import StateDictBase
 from ..core.norms_cache import NormCache
+from .save_path import resolve_prefix
 
 
 def lora_path(name: str) -> str:
@@ -128,15 +128,8 @@ def lora_folders() -> list[str]:
 
 
 def save_folder(prefix: str) -> tuple[str, str]:
-    """(folder, file stem) for a save prefix inside the first loras folder; refuses escapes."""
-    root = os.path.abspath(lora_folders()[0])
-    full = os.path.abspath(os.path.join(root, os.path.normpath(prefix)))
-    if os.path.commonpath([root, full]) != root or prefix.startswith(("/", "\\")) or ".." in prefix.split("/"):
-        from ..core.errors import LoraError
-
-        raise LoraError(f"save prefix {prefix!r} leaves the loras folder", fix="use a name like "
-                        "'resized/my_lora' inside the loras folder")
-    return os.path.dirname(full), os.path.basename(full)
+    """(folder, file stem) for a save prefix inside the first loras folder (rules: nodes/save_path.py)."""
+    return resolve_prefix(lora_folders()[0], prefix)
 
 
 def refresh_lora_list() -> None:

@@ -5,6 +5,7 @@ import os
 
 import folder_paths
 
+from ..core.errors import LoraError
 from ..core.formats import read_lora
 from ..core.inspect import format_summary, summarize
 from ..core.metadata import file_sha256
@@ -28,6 +29,10 @@ class LoadLoRAForResize:
 
     def load(self, lora_name: str):
         path = lora_path(lora_name)
-        lora = read_lora(path)
-        sources = [{"file": os.path.basename(path), "sha256": file_sha256(path)}]
+        try:
+            lora = read_lora(path)
+            sources = [{"file": os.path.basename(path), "sha256": file_sha256(path)}]
+        except OSError as exc:  # unreadable, vanished, a folder: the pack's error, never a raw OS one
+            raise LoraError(f"cannot read the file: {exc.strerror or exc}", file=lora_name,
+                            fix="check that it exists and is readable, then pick it again") from exc
         return (ResizableLora(lora, sources, lora_name), format_summary(summarize(lora)))

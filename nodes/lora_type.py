@@ -21,10 +21,15 @@ class ResizableLora:
         self.sources = sources
         self.label = label
         self.operation = operation
-        self._decomposed: Optional[list[Decomposed]] = None
+        self._decomposed: dict[tuple, list[Decomposed]] = {}
 
     def decomposition(self, device: Optional[torch.device] = None,
-                      progress: Optional[Callable[[int, int], None]] = None) -> list[Decomposed]:
-        if self._decomposed is None:
-            self._decomposed = decompose(self.lora, device=device, progress=progress)
-        return self._decomposed
+                      progress: Optional[Callable[[int, int], None]] = None, *, dense_rank: Optional[int] = None,
+                      niter: int = 2) -> list[Decomposed]:
+        """Exact by default; ``dense_rank`` asks for a randomized SVD (``niter`` power iterations) of dense
+        layers, as ``method=rsvd`` does. Kept per (dense_rank, niter): each variant is computed once."""
+        key = (dense_rank, niter if dense_rank is not None else None)
+        if key not in self._decomposed:
+            self._decomposed[key] = decompose(self.lora, device=device, dense_rank=dense_rank, niter=niter,
+                                              progress=progress)
+        return self._decomposed[key]

@@ -1,6 +1,9 @@
 """MergeLoRAs: an exact weighted sum (concat) or a switchable join of two to four LoRAs."""
 from __future__ import annotations
 
+import math
+
+from ..core.errors import LoraError
 from ..core.merge import merge
 from .lora_type import CATEGORY, LORA_TYPE, ResizableLora
 
@@ -33,8 +36,13 @@ class MergeLoRAs:
 
     def merge(self, lora_1, weight_1, lora_2, weight_2, mode, lora_3=None, weight_3=1.0, lora_4=None,
               weight_4=1.0):
-        members = [(l, w) for l, w in ((lora_1, weight_1), (lora_2, weight_2), (lora_3, weight_3),
-                                       (lora_4, weight_4)) if l is not None]
+        pairs = ((lora_1, weight_1), (lora_2, weight_2), (lora_3, weight_3), (lora_4, weight_4))
+        for index, (member, weight) in enumerate(pairs, 1):
+            # an API prompt can carry NaN past ComfyUI's min/max checks (NaN compares false)
+            if member is not None and (not isinstance(weight, (int, float)) or not math.isfinite(weight)):
+                raise LoraError(f"merge weight_{index} is {weight!r}, not a finite number", file=member.label,
+                                fix=f"set weight_{index} to a finite number between -10 and 10")
+        members = [(l, w) for l, w in pairs if l is not None]
         merged = merge([(m.lora, w) for m, w in members], join=(mode == "join"))
         sources = [dict(s, weight=w) for m, w in members for s in m.sources]
         label = " + ".join(f"{w:g}×{m.label}" for m, w in members)

@@ -1,6 +1,9 @@
 """ScoreRecipe: build a resize recipe from widgets, or take a raw recipe string; validated here."""
 from __future__ import annotations
 
+import math
+
+from ..core.errors import LoraError
 from ..core.recipe import SCORE_METHODS, parse_recipe
 from .lora_type import CATEGORY, RECIPE_TYPE
 
@@ -42,10 +45,16 @@ class ScoreRecipe:
             "raw_recipe": ("STRING", {"default": "", "multiline": False,
                                       "tooltip": "A recipe in the CLI grammar (e.g. fro_ckpt=1,thr=-3.5); "
                                                  "when set it replaces every widget above."}),
+            # optional and last: saved workflows (positional widgets_values) keep loading unchanged
+            "niter": ("INT", {"default": 2, "min": 0, "max": 100,
+                              "tooltip": "Power iterations of the randomized SVD (reducer rsvd): more is "
+                                         "closer to the exact SVD and slower."}),
         }}
 
     def build(self, fro_ckpt, spn_ckpt, spn_lora, fro_lora, subspace, params, selection, value, rescale, reducer,
-              seed, raw_recipe=""):
+              seed, raw_recipe="", niter=2):
+        if not raw_recipe.strip():
+            _check_widgets(locals())
         text = raw_recipe.strip() or self.compose(locals())
         recipe = parse_recipe(text)
         return (recipe, recipe.text)
@@ -63,4 +72,20 @@ class ScoreRecipe:
             tokens.append(f"method={values['reducer']}")
             if values["reducer"] == "randproj":
                 tokens.append(f"seed={values['seed']}")
+            if values["reducer"] == "rsvd":
+                tokens.append(f"niter={int(values.get('niter', 2))}")
         return ",".join(tokens)
+
+
+_NUMBER_WIDGETS = ("fro_ckpt", "spn_ckpt", "spn_lora", "fro_lora", "subspace", "params", "value", "rescale")
+
+
+def _check_widgets(values: dict) -> None:
+    """A NaN or infinite widget (an API prompt can carry one past ComfyUI's min/max) is refused by name."""
+    for name in _NUMBER_WIDGETS:
+        number = values[name]
+        if not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise LoraError(f"recipe widget {name} is {number!r}, not a finite number",
+                            fix=f"set {name} to a finite number")
+    if not 0 <= int(values.get("niter", 2)) <= 100:
+        raise LoraError(f"recipe widget niter is {values['niter']!r}", fix="use 0 to 100 power iterations")

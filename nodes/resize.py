@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import re
+from typing import Optional
+
+import torch
 
 from ..core.errors import LoraError
 from ..core.formats.writer import encoded_size
@@ -59,6 +62,24 @@ def report_text(result, chart: dict) -> str:
     return "\n".join(lines)
 
 
+# SaveLoRA's precisions: a source in another one (fp8, fp64) is sized as fp16, the smallest SaveLoRA writes
+_SIZED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def size_dtype(lora) -> torch.dtype:
+    """The precision both chart sizes use: the source's, when SaveLoRA can write it, else fp16."""
+    stored = next((t.dtype for layer in lora for t in layer.factors.values() if t.is_floating_point()), None)
+    return stored if stored in _SIZED_DTYPES else torch.float16
+
+
+def dense_rank_of(recipe) -> Optional[int]:
+    """The rank a randomized SVD of dense layers may stop at: only for method=rsvd with a fixed rank
+    (thr=, size= and kohya's rules need every singular value), as the CLI decides it."""
+    if recipe.method != "rsvd" or recipe.scored or recipe.kohya_rule:
+        return None
+    return recipe.rank_cap(False)
+
+
 class ResizeLoRA:
     CATEGORY = CATEGORY
     RETURN_TYPES = (LORA_TYPE, "STRING")
@@ -87,7 +108,8 @@ class ResizeLoRA:
                             "spn_lora/fro_lora/params, rank= or sv_ratio=")
         device = compute_device(model)
         progress = progress_callback()
-        items = lora.decomposition(device=device, progress=lambda d, t: progress("decompose", d, t))
+        items = lora.decomposition(device=device, progress=lambda d, t: progress("decompose", d, t),
+                                   dense_rank=dense_rank_of(recipe), niter=recipe.niter)
         cache = norms_cache() if base is not None and recipe.needs_base else None
         refs = reference_table(items, [recipe], base, device=device, cache=cache,
                                progress=lambda d, t: progress("base norms", d, t),
@@ -99,9 +121,11 @@ class ResizeLoRA:
         resized = ResizableLora(result.lora, lora.sources, f"{lora.label} ({recipe.text})", lora.operation)
         resized.recipe_text = recipe.text
         resized.threshold = result.threshold
-        # both at the source's precision: the factors stay fp32 until SaveLoRA picks a dtype
-        stored = next((t.dtype for layer in lora.lora for t in layer.factors.values()), None)
-        size_before = encoded_size(lora.lora) if lora.lora.layers else 0
+        # both at the source's precision (fp16 for fp8 sources): the factors stay fp32 until SaveLoRA picks one
+        stored = size_dtype(lora.lora)
+        as_stored = all(t.dtype in _SIZED_DTYPES for layer in lora.lora for t in layer.factors.values()
+                        if t.is_floating_point())
+        size_before = encoded_size(lora.lora, dtype=None if as_stored else stored) if lora.lora.layers else 0
         size_after = encoded_size(result.lora, dtype=stored) if result.lora.layers else 0
         chart = chart_data(result, size_before, size_after)
         return {"ui": {"lora_resize_chart": [chart]}, "result": (resized, report_text(result, chart))}

@@ -75,7 +75,7 @@ def running_server(base):
     if process.poll() is not None:
         raise ServerFailed("ComfyUI exited: " + (base / "server.log").read_text()[-3000:])
     try:
-        yield {"url": url, "base": base, "loras": loras, "requests": requests}
+        yield {"url": url, "base": base, "loras": loras, "requests": requests, "pid": process.pid}
     finally:
         process.terminate()
         process.wait(30)
@@ -119,3 +119,32 @@ def on_tiny_sdxl(prompt: dict) -> dict:
     return prompt
 
 
+def post_prompt(server, prompt: dict, client_id: str | None = None):
+    """POST /prompt as raw JSON, so NaN and Infinity reach the server as an API client can send them
+    (requests' ``json=`` refuses them). Returns the reply."""
+    body = json.dumps({"prompt": prompt, "client_id": client_id or str(uuid.uuid4())})
+    return server["requests"].post(f"{server['url']}/prompt", data=body, timeout=10,
+                                   headers={"Content-Type": "application/json"})
+
+
+def wait_for(server, prompt_id: str, timeout: float = 120) -> dict:
+    """The /history entry of a queued prompt once it finished (success, error or interrupted)."""
+    requests = server["requests"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = requests.get(f"{server['url']}/history/{prompt_id}", timeout=10).json()
+        entry = history.get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            if entry["status"].get("status_str") in ("success", "error"):
+                return entry
+        time.sleep(0.2)
+    raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process (VmRSS in /proc/<pid>/status), in KiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")

@@ -3,6 +3,13 @@
 Base norms taken from the MODEL/CLIP equal those from the same weights saved as a checkpoint; a
 MODEL already patched by a LoRA still gives the unpatched norms; the node chain writes a file the
 host loads with zero unloaded keys and whose ΔW equals the CLI's output for the same recipe.
+
+Issue 12 (no server needed): 20 bad save prefixes are refused naming the rule, at queue time
+(VALIDATE_INPUTS) and at save time, writing nothing; good ones (and a symlinked subfolder the user
+made) land inside the loras folder; a full or read-only folder (faults injected at the write) and a
+file in the way are LoraErrors naming the folder; an fp8 LoRA goes through load, resize and save;
+the recipe node's rsvd and niter reach the decomposition; NaN/Inf widgets and merge weights are
+refused by name; saved UI workflows keep their widgets after the new niter widget.
 """
 import importlib.util
 import os
@@ -171,3 +178,210 @@ def test_cancel_stops_a_resize_and_leaves_no_cache_or_file(comfy_hosts, pack, fo
     assert sorted(p.name for p in loras_dir.rglob("*.safetensors")) == ["cancel.safetensors"]
     output = nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe, model=host.model, clip=host.clip)
     assert output["ui"]["lora_resize_chart"][0]["blocks"]
+
+
+# --- issue 12: save prefixes, fp8 through the nodes, rsvd/niter, non-finite widgets, OS errors ---------------
+
+def _tree(root) -> list[str]:
+    """Every path below ``root`` (hidden ones included): what a refused save must leave unchanged."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+_BAD_PREFIXES = [
+    ("", "is empty"),
+    ("   ", "is empty"),
+    (".", "names no file"),
+    ("./", "names no file"),
+    ("..", "leaves the loras folder"),
+    ("../escape", "leaves the loras folder"),
+    ("a/../../b", "leaves the loras folder"),
+    ("a\\..\\..\\b", "leaves the loras folder"),
+    ("/tmp/abs_lora", "is an absolute path"),
+    ("//", "is an absolute path"),
+    ("\\\\server\\share\\x", "is an absolute path"),
+    ("C:\\loras\\x", "is an absolute path"),
+    ("a\x00b", "control character '\\x00'"),
+    ("a\tb", "control character '\\t'"),
+    ("a\nb", "control character '\\n'"),
+    ("a\x7fb", "control character '\\x7f'"),
+    ("x" * 300, "has a name of 300 bytes; at most 200"),
+    ("sub/" + "é" * 101, "has a name of 202 bytes"),
+    ("a/ /b", "only of spaces"),
+    ("/".join(["d" * 199] * 25), "the OS allows"),
+]
+
+
+@pytest.mark.parametrize("prefix,rule", _BAD_PREFIXES, ids=[f"bad{i}" for i in range(len(_BAD_PREFIXES))])
+def test_a_bad_save_prefix_is_refused_naming_the_rule_and_nothing_is_written(comfy_hosts, pack, folders, prefix,
+                                                                              rule, tmp_path):
+    loras_dir, _ = folders
+    save = pack.NODE_CLASS_MAPPINGS["LoraResize_SaveLoRA"]
+    lora, _ = pack.NODE_CLASS_MAPPINGS["LoraResize_LoadLoRAForResize"]().load(_copy_fixture(loras_dir))
+    before = _tree(tmp_path)
+    with pytest.raises(Exception, match="save prefix") as info:
+        save().save(lora, prefix, "kohya", "fp16")
+    assert type(info.value).__name__ == "LoraError" and rule in str(info.value), str(info.value)
+    assert "Fix: " in str(info.value)
+    # refused when the prompt is queued too, before any node runs (ComfyUI's custom validation)
+    verdict = save.VALIDATE_INPUTS(filename_prefix=prefix)
+    assert verdict is not True and rule in verdict
+    assert _tree(tmp_path) == before
+
+
+def _copy_fixture(loras_dir, name: str = "sd15_kohya_locon_r4a2_c2a1.safetensors") -> str:
+    (loras_dir / name).write_bytes(open(os.path.join(ROOT, "tests", "fixtures", "lora", name), "rb").read())
+    return name
+
+
+def test_good_prefixes_land_inside_the_loras_folder_and_a_user_symlinked_subfolder_is_followed(
+        comfy_hosts, pack, folders, tmp_path):
+    loras_dir, _ = folders
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load(_copy_fixture(loras_dir))
+    save = nodes["LoraResize_SaveLoRA"]()
+    assert nodes["LoraResize_SaveLoRA"].VALIDATE_INPUTS(filename_prefix="resized/mine") is True
+    assert save.save(lora, "./plain", "kohya", "fp16")["result"][0] == str(loras_dir / "plain_00001_.safetensors")
+    assert save.save(lora, "a\\b", "kohya", "fp16")["result"][0] == str(loras_dir / "a" / "b_00001_.safetensors")
+    assert save.save(lora, "deep//x/", "kohya", "fp16")["result"][0] == str(loras_dir / "deep" / "x_00001_.safetensors")
+    # a subfolder the user linked to another disk is followed: the path stays under the loras folder
+    elsewhere = tmp_path / "other_disk"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, loras_dir / "linked")
+    saved = save.save(lora, "linked/mine", "kohya", "fp16")["result"][0]
+    assert saved == str(loras_dir / "linked" / "mine_00001_.safetensors")
+    assert os.listdir(elsewhere) == ["mine_00001_.safetensors"]
+    # a dangling symlink at the next free name is skipped, never written through
+    target = tmp_path / "outside_target"
+    os.symlink(target, loras_dir / "plain_00002_.safetensors")
+    assert save.save(lora, "plain", "kohya", "fp16")["result"][0].endswith("plain_00003_.safetensors")
+    assert not target.exists()
+    assert not any(p.suffix == ".safetensors" for p in tmp_path.iterdir())  # nothing beside the loras folder
+
+
+def test_a_full_or_read_only_loras_folder_or_a_file_in_the_way_is_a_lora_error_naming_the_folder(
+        comfy_hosts, pack, folders, monkeypatch):
+    import errno
+
+    loras_dir, _ = folders
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load(_copy_fixture(loras_dir))
+    (loras_dir / "blocked").write_text("a file where the subfolder should be")
+    with pytest.raises(Exception, match="a file is in the way") as info:
+        nodes["LoraResize_SaveLoRA"]().save(lora, "blocked/mine", "kohya", "fp16")
+    assert type(info.value).__name__ == "LoraError" and str(loras_dir / "blocked") in str(info.value)
+    # faults injected where the write meets the disk: what a full disk or a read-only mount raise
+    for code, words in ((errno.ENOSPC, "is full"), (errno.EROFS, "read-only"), (errno.EACCES, "read-only")):
+        def failing_write(*args, _code=code, **kwargs):
+            raise OSError(_code, os.strerror(_code))
+
+        monkeypatch.setattr(pack.nodes.save, "write_lora", failing_write)
+        with pytest.raises(Exception, match=words) as info:
+            nodes["LoraResize_SaveLoRA"]().save(lora, "resized/mine", "kohya", "fp16")
+        assert type(info.value).__name__ == "LoraError" and str(loras_dir / "resized") in str(info.value)
+        assert "Fix: " in str(info.value)
+
+
+def test_an_unreadable_lora_file_is_a_lora_error_naming_it(comfy_hosts, pack, folders, monkeypatch):
+    import errno
+
+    loras_dir, _ = folders
+    name = _copy_fixture(loras_dir)
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(pack.nodes.load, "read_lora", denied)
+    with pytest.raises(Exception, match=f"{name}: cannot read the file: Permission denied") as info:
+        pack.NODE_CLASS_MAPPINGS["LoraResize_LoadLoRAForResize"]().load(name)
+    assert type(info.value).__name__ == "LoraError"
+
+
+def test_an_fp8_lora_goes_through_load_resize_and_save(comfy_hosts, pack, folders):
+    from core.formats import read_lora
+
+    loras_dir, _ = folders
+    host = comfy_hosts["sdxl"]()
+    state = random_lora(host, rank=4, seed=5)
+    save_file({k: v.to(torch.float8_e4m3fn) if v.dim() >= 2 else v for k, v in state.items()},
+              str(loras_dir / "fp8.safetensors"))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load("fp8.safetensors")
+    recipe, _ = nodes["LoraResize_ScoreRecipe"]().build(0, 0, 1.0, 0, 0, 0, "rank", 2, 1.0, "svd", 0)
+    output = nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe)
+    chart = output["ui"]["lora_resize_chart"][0]
+    # sized as fp16 (SaveLoRA writes no fp8): rank 4 -> 2 halves the factors' bytes, less the header's share
+    assert 0.4 < chart["size_after"] / chart["size_before"] < 0.6, chart
+    saved = nodes["LoraResize_SaveLoRA"]().save(output["result"][0], "fp8/out", "kohya", "fp16")["result"][0]
+    written = read_lora(saved)
+    assert {layer.rank for layer in written} == {2} and len(written.layers) == len(lora.lora.layers)
+
+
+def test_the_recipe_node_passes_rsvd_and_niter_and_resize_uses_them(comfy_hosts, pack, folders, monkeypatch):
+    loras_dir, _ = folders
+    nodes = pack.NODE_CLASS_MAPPINGS
+    recipe, text = nodes["LoraResize_ScoreRecipe"]().build(0, 0, 0, 0, 0, 0, "rank", 2, 1.0, "rsvd", 0, niter=7)
+    assert recipe.method == "rsvd" and recipe.niter == 7 and text == "rank=2,method=rsvd,niter=7"
+    assert "niter" in nodes["LoraResize_ScoreRecipe"].INPUT_TYPES()["optional"]  # old workflows keep loading
+    calls = []
+    real = torch.svd_lowrank
+
+    def spy(matrix, q=6, niter=2, M=None):
+        calls.append((q, niter))
+        return real(matrix, q=q, niter=niter, M=M)
+
+    monkeypatch.setattr(torch, "svd_lowrank", spy)
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load(_copy_fixture(loras_dir,
+                                                                         "sd15_lycoris_full_diff.safetensors"))
+    output = nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe)
+    assert calls and {niter for _, niter in calls} == {7}  # the dense (full diff) layers: randomized SVD
+    assert all(layer.rank <= 2 for layer in output["result"][0].lora)
+    exact, _ = nodes["LoraResize_ScoreRecipe"]().build(0, 0, 0, 0, 0, 0, "rank", 2, 1.0, "svd", 0)
+    calls.clear()
+    nodes["LoraResize_ResizeLoRA"]().resize(lora, exact)
+    assert calls == []  # svd: the exact decomposition, not the randomized one cached for rsvd
+
+
+@pytest.mark.parametrize("widget,index", [("value", 7), ("rescale", 8), ("fro_ckpt", 0)])
+def test_a_non_finite_recipe_widget_is_refused_by_name(comfy_hosts, pack, widget, index):
+    values = [1.0, 0, 0, 0, 0, 0, "thr", -3.5, 1.0, "svd", 0]
+    for bad in (float("nan"), float("inf")):
+        values[index] = bad
+        with pytest.raises(Exception, match=f"recipe widget {widget} is {bad!r}, not a finite number") as info:
+            pack.NODE_CLASS_MAPPINGS["LoraResize_ScoreRecipe"]().build(*values)
+        assert type(info.value).__name__ == "LoraError"
+
+
+def test_a_non_finite_merge_weight_is_refused_naming_the_widget(comfy_hosts, pack, folders):
+    loras_dir, _ = folders
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load(_copy_fixture(loras_dir))
+    for bad in (float("nan"), float("-inf")):
+        with pytest.raises(Exception, match=f"weight_2 is {bad!r}, not a finite number") as info:
+            nodes["LoraResize_MergeLoRAs"]().merge(lora, 0.5, lora, bad, "concat")
+        assert type(info.value).__name__ == "LoraError"
+
+
+def test_saved_ui_workflows_keep_their_recipe_widgets_and_get_the_niter_default(comfy_hosts, pack):
+    """widgets_values are positional: the new niter widget is optional and last, so every saved ScoreRecipe
+    maps onto the same widgets as before and equals its API twin (which lists niter at its default)."""
+    import json
+
+    node = pack.NODE_CLASS_MAPPINGS["LoraResize_ScoreRecipe"]
+    spec = node.INPUT_TYPES()
+    widgets = [*spec["required"], *spec["optional"]]
+    assert widgets[-1] == "niter" and spec["optional"]["niter"][1]["default"] == 2
+    folder = os.path.join(ROOT, "example_workflows")
+    checked = 0
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json") or name.endswith("_api.json"):
+            continue
+        graph = json.load(open(os.path.join(folder, name)))
+        twin = json.load(open(os.path.join(folder, name.replace(".json", "_api.json"))))
+        for saved in (n for n in graph["nodes"] if n["type"] == "LoraResize_ScoreRecipe"):
+            values = dict(zip(widgets, saved["widgets_values"]))
+            assert "niter" not in values  # saved before the widget existed
+            values["niter"] = 2  # what the frontend fills in: the widget's default
+            assert values == twin[str(saved["id"])]["inputs"], name
+            assert node().build(**values)[0].text  # and it still builds its recipe
+            checked += 1
+    assert checked >= 5
