@@ -361,6 +361,16 @@ def test_a_non_finite_merge_weight_is_refused_naming_the_widget(comfy_hosts, pac
         assert type(info.value).__name__ == "LoraError"
 
 
+def test_a_non_finite_apply_strength_is_refused_naming_it(comfy_hosts, pack, folders):
+    loras_dir, _ = folders
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load(_copy_fixture(loras_dir))
+    host = comfy_hosts["sdxl"]()
+    with pytest.raises(Exception, match="strength_clip is nan, not a finite number") as info:
+        nodes["LoraResize_ApplyLoRA"]().apply(host.model, host.clip, lora, 1.0, float("nan"))
+    assert type(info.value).__name__ == "LoraError"
+
+
 def test_saved_ui_workflows_keep_their_recipe_widgets_and_get_the_niter_default(comfy_hosts, pack):
     """widgets_values are positional: the new niter widget is optional and last, so every saved ScoreRecipe
     maps onto the same widgets as before and equals its API twin (which lists niter at its default)."""
