@@ -143,6 +143,30 @@ def parse_number(value: str, kind: type, key: str, token: str, recipe: str) -> f
     return number
 
 
+_FIELDS = {"thr": "threshold", "size": "size_mib", "rescale": "rescale", "rank": "rank", "conv_rank": "conv_rank",
+           "sv_ratio": "sv_ratio", "sv_fro": "sv_fro", "sv_cumulative": "sv_cumulative", "niter": "niter",
+           "sparse": "sparse", "seed": "seed"}
+
+
+def check_numbers(recipe: Recipe) -> None:
+    """The engine's own check of a recipe's numbers against the parser's ranges, whoever built the recipe
+    (parser, node, API caller): a NaN compares false everywhere (``rescale=nan`` keeps nothing,
+    ``sv_ratio=nan`` one value per layer) and an Inf becomes Inf factors, so none may reach the work."""
+    values = [(key, getattr(recipe, attribute)) for key, attribute in _FIELDS.items()]
+    values += [(method, weight) for method, weight in recipe.weights.items()]
+    for key, value in values:
+        if value is None:
+            continue
+        low, high, low_included, why = _RANGES.get(key, _RANGES["weight"])
+        whole = _NUMBER_KEYS.get(key) is int
+        number_ok = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+        if not (number_ok and math.isfinite(value) and low <= value <= high and (low_included or value > low)):
+            bound = "≥" if low_included else ">"
+            raise UsageError(f"recipe {recipe.text!r}: {key}={value} must be a finite "
+                             f"{'whole number' if whole else 'number'} {bound} {_show(low)} and ≤ {_show(high)}, "
+                             f"because {why}", fix=f"change {key}=")
+
+
 def parse_recipe(text: str) -> Recipe:
     """One recipe; raises UsageError (a LoraError) naming the offending token and the fix."""
     text = text.strip()

@@ -3,7 +3,7 @@
 Rebuilt factors split √σ between up and down and alpha = new rank (scale 1), so ΔW' is exactly the
 kept truncated SVD, with ``rescale`` baked in. Layers that keep nothing are dropped.
 
-Values are checked where they are made: recipe numbers on entry (``check_recipe``), base norms
+Values are checked where they are made: recipe numbers on entry (``recipe.check_numbers``), base norms
 (``core.norms``), singular values (``core.decompose``), every rebuilt factor here (finite in fp32 and
 within the output dtype's range), and the report's error: a run never writes or prints a NaN.
 """
@@ -21,8 +21,8 @@ from .delta import delta_weight, dora_weight_norm, effective_down
 from .errors import LoraError
 from .formats.writer import checked_cast, encoded_size
 from .model import Layer, LoraFile
-from .recipe import Recipe
-from .select import References, Selection, check_recipe, score, select
+from .recipe import Recipe, check_numbers
+from .select import References, Selection, score, select
 
 log = logging.getLogger("lora_resize")
 
@@ -199,7 +199,7 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
     ``size=`` measures candidate files with exactly the metadata the writer will add
     (``provenance_extra``), so the file written with that metadata never exceeds the target.
     """
-    check_recipe(recipe)
+    check_numbers(recipe)
     notes = _dora_notes(template, base is not None)
     if recipe.method == "randproj":
         result = _random_projection(items, recipe, template)
@@ -362,7 +362,7 @@ def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None,
         return (lambda done, total: progress(name, done, total)) if progress else None
 
     for recipe in recipes:  # before any work: a bad number fails now, not after the decomposition
-        check_recipe(recipe)
+        check_numbers(recipe)
 
     fixed_caps = [r.rank_cap(False) for r in recipes if not r.scored and not r.kohya_rule]
     dense_rank = max(fixed_caps) if fixed_caps and len(fixed_caps) == len(recipes) and None not in fixed_caps \

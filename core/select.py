@@ -14,45 +14,9 @@ import torch
 
 from .decompose import Decomposed
 from .errors import LoraError
-from .recipe import Recipe
+from .recipe import Recipe, check_numbers
 
 MIB = 1 << 20
-MAX_NITER = 100  # power iterations of the randomized SVD: beyond ~10 nothing changes, 10⁹ never ends
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """The engine's own check of a recipe's numbers, whoever built it (parser, node, API caller).
-
-    A NaN compares false everywhere (``rescale=nan`` kept nothing, ``sv_ratio=nan`` one value per
-    layer) and an Inf turns into Inf factors, so a non-finite or out-of-range number is refused here,
-    by name, before any work, even if a parser let it through."""
-    def bad(key: str, value, why: str) -> LoraError:
-        return LoraError(f"recipe {recipe.text!r}: {key}={value} {why}", fix=f"change {key}= (the README's "
-                         "recipe table gives each token's range)")
-
-    def finite(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    if not (finite(recipe.rescale) and recipe.rescale > 0):
-        raise bad("rescale", recipe.rescale, "must be a finite number above 0")
-    for method, weight in recipe.weights.items():
-        if not finite(weight):
-            raise bad(method, weight, "must be a finite weight")
-    checks = [
-        ("thr", recipe.threshold, lambda v: finite(v), "must be a finite log10 score"),
-        ("size", recipe.size_mib, lambda v: finite(v) and v > 0, "must be a finite number of MiB above 0"),
-        ("sv_ratio", recipe.sv_ratio, lambda v: finite(v) and v >= 1, "must be a finite ratio of at least 1"),
-        ("sv_fro", recipe.sv_fro, lambda v: finite(v) and 0 < v <= 1, "must be a fraction in (0, 1]"),
-        ("sv_cumulative", recipe.sv_cumulative, lambda v: finite(v) and 0 < v <= 1, "must be a fraction in (0, 1]"),
-        ("sparse", recipe.sparse, lambda v: finite(v) and 0 < v <= 1, "must be a density in (0, 1]"),
-        ("rank", recipe.rank, lambda v: isinstance(v, int) and v >= 1, "must be an integer of at least 1"),
-        ("conv_rank", recipe.conv_rank, lambda v: isinstance(v, int) and v >= 1, "must be an integer of at least 1"),
-        ("niter", recipe.niter, lambda v: isinstance(v, int) and 0 <= v <= MAX_NITER,
-         f"must be an integer from 0 to {MAX_NITER}"),
-    ]
-    for key, value, valid, why in checks:
-        if value is not None and not valid(value):
-            raise bad(key, value, why)
 
 
 @dataclass
@@ -129,7 +93,7 @@ def select(items: list[Decomposed], recipe: Recipe, refs: Mapping[str, Reference
     ``measure(masks)`` returns the exact byte size of the file those masks would write; ``size=``
     needs it so the written file never exceeds the target.
     """
-    check_recipe(recipe)
+    check_numbers(recipe)
     if recipe.size_mib is not None:
         if measure is None:
             raise ValueError("size= selection needs a measure function")
