@@ -46,3 +46,16 @@ def test_keep_all_keeps_magnitudes_and_truncation_refits_them():
                if not torch.equal(refit.lora.layers[k].dora_scale, kept.lora.layers[k].dora_scale)]
     assert len(changed) == len(lora.layers)
     assert _dora_error(lora, refit.lora, base) < _dora_error(lora, kept.lora, base)
+
+
+def test_peft_output_of_a_dora_lora_warns_that_comfyui_ignores_the_magnitudes(tmp_path, caplog):
+    """ComfyUI 0.3.64 never reads lora_magnitude_vector (pinned in tests/host/test_host_load.py): say so."""
+    from core.formats import write_lora
+
+    source = read_lora(DORA)
+    with caplog.at_level("WARNING", logger="lora_resize"):
+        write_lora(source, tmp_path / "kohya.safetensors", convention="kohya")
+    assert "lora_magnitude_vector" not in caplog.text
+    with caplog.at_level("WARNING", logger="lora_resize"):
+        write_lora(source, tmp_path / "peft.safetensors", convention="peft")
+    assert "does not read" in caplog.text and "-f kohya" in caplog.text

@@ -199,6 +199,10 @@ def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "ko
     """
     tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
                                           extra_provenance, str(path))
+    if convention == "peft" and any(layer.dora_scale is not None for layer in lora):
+        log.warning("%s: DoRA magnitudes are written as PEFT's lora_magnitude_vector, which ComfyUI (0.3.64) "
+                    "does not read: there the file applies as plain LoRA. Use -f kohya or -f comfy for ComfyUI.",
+                    path)
     ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
     hasher = SdScriptsHasher(header_size(tensors, ss_only))
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = "0" * 64, "0" * 8  # same length as the real ones
