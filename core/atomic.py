@@ -135,9 +135,12 @@ def write_error(exc: OSError, target: Path) -> LoraError:
                      fix="check the output folder, or choose another one")
 
 
-def atomic_write(fill: Callable[[BinaryIO], object], path: str | os.PathLike, overwrite: bool = False) -> None:
+def atomic_write(fill: Callable[[BinaryIO], object], path: str | os.PathLike, overwrite: bool = False,
+                 verify: Callable[[str], object] | None = None) -> None:
     """Let ``fill`` write a temporary file beside ``path``, then rename: a crash (or an exception in
     ``fill``) never leaves a partial file, and the next write into the folder removes a killed run's temp.
+    ``verify`` gets the finished temp's path before it is moved into place: if it raises, the temp is
+    removed and the target never appears (the written file is read back before anyone can load it).
 
     Refuses to replace an existing file unless ``overwrite``; the refusal is decided atomically
     (a hard link), so two writers racing for one name cannot both win. OS failures (full disk,
@@ -157,6 +160,8 @@ def atomic_write(fill: Callable[[BinaryIO], object], path: str | os.PathLike, ov
             fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if verify is not None:
+            verify(tmp)
         _publish(tmp, target, overwrite)
     except OSError as exc:
         raise write_error(exc, target) from exc

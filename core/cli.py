@@ -46,6 +46,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .formats import parse_dtype, read_lora, write_lora
+    from .formats.writer import check_nameable
     from .metadata import file_sha256
     from .outputs import check_output_file
 
@@ -55,16 +56,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"-t {args.dtype}: {exc.problem}", fix=exc.fix) from None
     check_output_file(args.output, overwrite=args.overwrite)  # before reading: a long read, then no place to write
     lora = read_lora(args.input, arch=args.arch)
+    check_nameable(lora, args.format)
     size = write_lora(lora, args.output, convention=args.format, dtype=dtype,
                       operation="convert", sources=[{"file": os.path.basename(args.input),
                                                      "sha256": file_sha256(args.input)}],
                       overwrite=args.overwrite)
-    print(f"{args.output}: {len(lora)} layers, {size} bytes, {args.format} format")
+    extras = f" and {len(lora.passthrough)} entries carried as they are" if lora.passthrough else ""
+    print(f"{args.output}: {len(lora)} layers{extras}, {size} bytes, {args.format} format (read back and checked)")
     return 0
 
 
+FORMATS = ("kohya", "peft", "comfy", "keep")
+FORMAT_HELP = ("output naming: kohya (default), peft (diffusers), comfy (ComfyUI's own) or keep (every layer and "
+               "entry under the names it was read with)")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", choices=("sd15", "sdxl", "flux"), default=None,
+    from .naming import ARCHITECTURES
+
+    parser.add_argument("--arch", choices=tuple(ARCHITECTURES), default=None,
                         help="architecture, when detection from key names is not enough")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v summary, -vv one line per layer")
 
@@ -83,7 +93,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p = sub.add_parser("convert", help="rewrite a LoRA in another naming convention or dtype (exact)")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("-f", "--format", default="kohya", choices=("kohya", "peft", "comfy"))
+    p.add_argument("-f", "--format", default="kohya", choices=FORMATS, help=FORMAT_HELP)
     p.add_argument("-t", "--dtype", default=None, help="16, bf16 or 32 (default: as stored)")
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)

@@ -22,11 +22,15 @@ def _provenance(meta: Mapping[str, str]) -> dict | None:
 
 
 def summarize(lora: LoraFile) -> dict[str, Any]:
-    """Family, architecture, per-layer rank/alpha/scale/shape, histograms, dtypes, bytes, metadata."""
+    """Family, architecture, per-layer rank/alpha/scale/shape, histograms, dtypes, bytes, metadata.
+
+    ``layer_count`` is what ComfyUI patches with the file (one per layer, per bias diff and per applied
+    pass-through entry); ``lora_layers`` counts the layers alone, ``verbatim_layers`` those whose names no
+    table knows (kept as read), ``passthrough`` the entries carried byte-exact."""
     layers = [
         {"name": name, "kind": layer.kind_label, "rank": layer.rank, "alpha": layer.alpha,
          "scale": layer.scale, "shape": list(layer.shape), "source_key": layer.source_key,
-         "offset": list(layer.offset) if layer.offset else None}
+         "offset": list(layer.offset) if layer.offset else None, "verbatim": layer.verbatim}
         for name, layer in lora.layers.items()
     ]
     meta = lora.metadata
@@ -36,11 +40,15 @@ def summarize(lora: LoraFile) -> dict[str, Any]:
         "architecture": lora.architecture,
         "bytes": os.path.getsize(lora.path) if lora.path and os.path.exists(lora.path) else lora.nbytes(),
         "tensor_bytes": lora.nbytes(),
-        "layer_count": len(layers),
+        "layer_count": lora.patched_targets(),
+        "lora_layers": len(layers),
+        "verbatim_layers": sum(1 for layer in layers if layer["verbatim"]),
+        "passthrough": sorted(lora.passthrough),
         "kinds": dict(Counter(layer["kind"] for layer in layers)),
         "rank_histogram": {str(k): v for k, v in sorted(Counter(layer["rank"] for layer in layers).items())},
         "alphas": sorted({layer["alpha"] for layer in layers if layer["alpha"] is not None}),
-        "dtypes": sorted({str(dtype).replace("torch.", "") for layer in lora for dtype in layer.dtypes()}),
+        "dtypes": sorted({str(dtype).replace("torch.", "") for layer in lora for dtype in layer.dtypes()}
+                         | {str(t.dtype).replace("torch.", "") for t in lora.passthrough.values()}),
         "unknown_keys": lora.unknown_keys,
         "metadata": {
             "keys": len(meta),
@@ -59,8 +67,9 @@ def format_summary(info: dict[str, Any]) -> str:
     mib = info["bytes"] / 2**20
     lines = [
         f"{info['file']}",
-        f"  family {info['family']}, architecture {info['architecture']}, {info['layer_count']} layers, "
+        f"  family {info['family']}, architecture {info['architecture']}, {info['lora_layers']} layers, "
         f"{mib:.2f} MiB, dtypes {', '.join(info['dtypes'])}",
+        f"  patches {info['layer_count']} model tensors in ComfyUI",
         "  kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(info["kinds"].items())),
         "  ranks: " + ", ".join(f"{k}×{v}" for k, v in info["rank_histogram"].items()),
         "  alphas: " + (", ".join(f"{a:g}" for a in info["alphas"][:8]) or "none (scale 1)")
@@ -75,6 +84,12 @@ def format_summary(info: dict[str, Any]) -> str:
         prov = meta["provenance"]
         lines.append(f"  made by {prov.get('tool')} {prov.get('version')}: {prov.get('operation')} "
                      f"{prov.get('recipe') or ''}".rstrip())
+    if info["verbatim_layers"]:
+        lines.append(f"  {info['verbatim_layers']} layers have names no table knows: kept as read (-f keep "
+                     "writes them back; base-aware recipes cannot find their base weights)")
+    if info["passthrough"]:
+        shown = ", ".join(info["passthrough"][:3]) + (" ..." if len(info["passthrough"]) > 3 else "")
+        lines.append(f"  {len(info['passthrough'])} entries carried as they are (not low-rank): {shown}")
     if info["unknown_keys"]:
         lines.append(f"  {len(info['unknown_keys'])} keys not understood: {', '.join(info['unknown_keys'][:5])}"
                      + (" ..." if len(info["unknown_keys"]) > 5 else ""))

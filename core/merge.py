@@ -45,7 +45,8 @@ def _normalise_slices(loras: Sequence[LoraFile]) -> list[LoraFile]:
                 layers[key] = layer
         for name, group in sliced.items():
             layers[name] = fuse_slices(name, group, lora.architecture)
-        out.append(LoraFile(layers, lora.architecture, lora.family, lora.metadata, lora.path, lora.unknown_keys))
+        out.append(LoraFile(layers, lora.architecture, lora.family, lora.metadata, lora.path, lora.unknown_keys,
+                            passthrough=lora.passthrough))
     return out
 
 
@@ -77,7 +78,29 @@ def merge(sources: Sequence[tuple[LoraFile, float]], *, join: bool = False) -> L
         metadata[JOIN_KEY] = json.dumps({"sources": [
             {"file": lora.label, "weight": weight, "segments": segments[i]}
             for i, (lora, weight) in enumerate(zip(loras, weights))]})
-    return LoraFile(layers, archs.pop() if archs else "unknown", "merge", metadata, None, [])
+    return LoraFile(layers, archs.pop() if archs else "unknown", "merge", metadata, None, [],
+                    passthrough=_merge_passthrough(loras, weights))
+
+
+def _merge_passthrough(loras: Sequence[LoraFile], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Entries carried as they are (norm diffs, lone bias diffs, set_weight): diffs add up with their weights
+    (exact in fp32, stored at the first source's dtype); a lone source at weight 1 keeps its bytes."""
+    merged: dict[str, torch.Tensor] = {}
+    for key in dict.fromkeys(k for lora in loras for k in lora.passthrough):
+        present = [(weights[i], lora.passthrough[key]) for i, lora in enumerate(loras) if key in lora.passthrough]
+        if len(present) == 1 and present[0][0] == 1.0:
+            merged[key] = present[0][1]
+            continue
+        if key.endswith(".set_weight"):
+            raise LoraError("a replaced weight (set_weight) cannot be weighted or summed", layer=key,
+                            fix="merge it at weight 1 from one LoRA only")
+        shapes = {tuple(t.shape) for _, t in present}
+        if len(shapes) > 1:
+            raise LoraError(f"sources change this entry with different shapes {sorted(shapes)}", layer=key,
+                            fix="the LoRAs were made for different base models; merge only matching LoRAs")
+        total = sum(weight * tensor.float() for weight, tensor in present)
+        merged[key] = total.to(present[0][1].dtype)
+    return merged
 
 
 def _finite_weight(lora: LoraFile, weight) -> float:
@@ -122,12 +145,12 @@ def _merge_layer(key: str, present: list[tuple[int, Layer]], weights: list[float
             down = down.reshape(down.shape[0], *first.shape[1:])
         return Layer(name=first.name, kind="lora", factors={"up": up, "down": down}, shape=first.shape,
                      alpha=float(col), offset=first.offset, dora_scale=first.dora_scale, bias_diff=bias,
-                     source_key=first.source_key)
+                     source_key=first.source_key, verbatim=first.verbatim, suffixes=first.suffixes)
     diff = sum(weights[i] * delta_weight(layer) for i, layer in present)
     for i, _ in present:
         segments[i][key] = []  # dense layers have no rank segment to toggle
     return Layer(name=first.name, kind="full", factors={"diff": diff}, shape=first.shape, offset=first.offset,
-                 dora_scale=first.dora_scale, bias_diff=bias, source_key=first.source_key)
+                 dora_scale=first.dora_scale, bias_diff=bias, source_key=first.source_key, verbatim=first.verbatim)
 
 
 def join_sources(lora: LoraFile) -> list[dict]:
@@ -154,7 +177,8 @@ def set_join_toggles(lora: LoraFile, toggles: Sequence[float]) -> LoraFile:
             if segment:
                 up[:, segment[0]:segment[1]] *= float(toggle)
         layers[key] = layer.with_factors({**layer.factors, "up": up})
-    return LoraFile(layers, lora.architecture, lora.family, dict(lora.metadata), lora.path, list(lora.unknown_keys))
+    return LoraFile(layers, lora.architecture, lora.family, dict(lora.metadata), lora.path, list(lora.unknown_keys),
+                    passthrough=dict(lora.passthrough))
 
 
 __all__ = ["merge", "set_join_toggles", "join_sources", "layer_key"]

@@ -5,6 +5,11 @@ A layer's ``name`` is canonical: the ComfyUI model key of the weight it changes,
 (``diffusion_model.input_blocks.4.1.proj_in``, ``clip_l.transformer.text_model.encoder.layers.0.mlp.fc1``),
 so the same layer read from kohya, PEFT or ComfyUI files gets the same name, and the name indexes
 ComfyUI's MODEL/CLIP state dicts and (through ``core.base``) base checkpoints directly.
+
+Names are open: a LoRA-shaped group whose prefix no naming table knows is still a layer, named by its
+key prefix verbatim (``Layer.verbatim``), and entries that are not low-rank (norm diffs, lone bias
+diffs, ``set_weight``) ride along byte-exact in ``LoraFile.passthrough``: the tables add knowledge,
+they never gate reading.
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ class Layer:
     dora_scale: Optional[torch.Tensor] = None
     bias_diff: Optional[torch.Tensor] = None
     source_key: str = ""
+    verbatim: bool = False  # no naming table knows source_key: ``name`` is that prefix, as read
+    suffixes: Optional[dict[str, str]] = None  # role -> the key suffix it was read under (``-f keep``)
 
     @property
     def rank(self) -> int:
@@ -115,6 +122,13 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     path: Optional[str] = None
     unknown_keys: list[str] = field(default_factory=list)
+    passthrough: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> tensor, written back unchanged
+
+    def patched_targets(self) -> int:
+        """How many model tensors ComfyUI patches with this file: one per layer, one per bias diff, one per
+        applied pass-through entry (``.diff``, ``.diff_b``, ``.set_weight``; ComfyUI ignores ``.diff_m``)."""
+        applied = sum(1 for key in self.passthrough if key.endswith((".diff", ".diff_b", ".set_weight")))
+        return sum(1 + (layer.bias_diff is not None) for layer in self.layers.values()) + applied
 
     def __iter__(self):
         return iter(self.layers.values())
@@ -123,7 +137,8 @@ class LoraFile:
         return len(self.layers)
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers.values())
+        extras = sum(t.numel() * t.element_size() for t in self.passthrough.values())
+        return sum(layer.nbytes() for layer in self.layers.values()) + extras
 
     @property
     def label(self) -> str:

@@ -75,10 +75,19 @@ def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0,
         up = up.reshape(*up.shape, 1, 1)
     up = checked_cast(up, dtype, layer=item.key, what="the rebuilt up factor", cause=_OVERFLOW)
     down = checked_cast(down, dtype, layer=item.key, what="the rebuilt down factor", cause=_OVERFLOW)
-    source = item.layer
-    return Layer(name=source.name, kind="lora", factors={"up": up, "down": down},
-                 shape=source.shape, alpha=float(kept), offset=source.offset, dora_scale=source.dora_scale,
-                 bias_diff=source.bias_diff, source_key=source.source_key)
+    return _rebuilt(item.layer, {"up": up, "down": down}, kept)
+
+
+def _rebuilt(source: Layer, factors: dict[str, torch.Tensor], rank: int) -> Layer:
+    """A plain LoRA layer in ``source``'s place: same name (verbatim or not), slice, DoRA, bias and key
+    prefix; the suffixes it was read with are kept only where they name up/down (``-f keep``)."""
+    suffixes = {role: suffix for role, suffix in (source.suffixes or {}).items()
+                if role in ("up", "down", "alpha", "dora_scale", "magnitude", "diff_b")}
+    if source.kind != "lora":
+        suffixes = {role: suffix for role, suffix in suffixes.items() if role not in ("up", "down")}
+    return Layer(name=source.name, kind="lora", factors=factors, shape=source.shape, alpha=float(rank),
+                 offset=source.offset, dora_scale=source.dora_scale, bias_diff=source.bias_diff,
+                 source_key=source.source_key, verbatim=source.verbatim, suffixes=suffixes)
 
 
 def _shape_only(item: Decomposed, kept: int) -> Optional[Layer]:
@@ -87,10 +96,7 @@ def _shape_only(item: Decomposed, kept: int) -> Optional[Layer]:
         return None
     up_shape = (item.layer.out_features, kept, 1, 1) if item.layer.is_conv else (item.layer.out_features, kept)
     meta = {"up": torch.empty(up_shape, device="meta"), "down": torch.empty(kept, *item.in_shape, device="meta")}
-    source = item.layer
-    return Layer(name=source.name, kind="lora", factors=meta, shape=source.shape, alpha=float(kept),
-                 offset=source.offset, dora_scale=source.dora_scale, bias_diff=source.bias_diff,
-                 source_key=source.source_key)
+    return _rebuilt(item.layer, meta, kept)
 
 
 def check_base_matches(items: Sequence[Decomposed], base, architecture: Optional[str] = None,
@@ -251,7 +257,9 @@ def _check_error(result: ResizeResult) -> None:
 
 
 def _derived(template: LoraFile, layers: dict[str, Layer]) -> LoraFile:
-    return LoraFile(layers, template.architecture, template.family, dict(template.metadata), None, [])
+    """A result LoRA: ``template``'s context and its pass-through entries (carried unchanged by every recipe)."""
+    return LoraFile(layers, template.architecture, template.family, dict(template.metadata), None, [],
+                    passthrough=dict(template.passthrough))
 
 
 def _result(items, recipe: Recipe, refs, selection: Selection, template: LoraFile,
@@ -311,10 +319,7 @@ def _random_projection(items: Sequence[Decomposed], recipe: Recipe, template: Lo
         if source.is_conv:
             new_up = new_up.reshape(*new_up.shape, 1, 1)
         new_down = new_down.reshape(cap, *source.shape[1:])
-        layers[item.key] = Layer(name=source.name, kind="lora", factors={"up": new_up, "down": new_down},
-                                 shape=source.shape, alpha=float(cap), offset=source.offset,
-                                 dora_scale=source.dora_scale, bias_diff=source.bias_diff,
-                                 source_key=source.source_key)
+        layers[item.key] = _rebuilt(source, {"up": new_up, "down": new_down}, cap)
         energy = float((item.S.to(torch.float64) * recipe.rescale).pow(2).sum())
         rows.append({"name": item.key, "kind": source.kind_label, "old_rank": source.rank, "new_rank": cap,
                      "energy": energy, "dropped_energy": error ** 2,
@@ -363,6 +368,10 @@ def resize(lora: LoraFile, recipes: Sequence[Recipe], *, base=None, device=None,
 
     for recipe in recipes:  # before any work: a bad number fails now, not after the decomposition
         check_numbers(recipe)
+    if not lora.layers:
+        raise LoraError(f"no LoRA layer to resize: the file holds only {len(lora.passthrough)} entries that are "
+                        f"carried as they are ({', '.join(list(lora.passthrough)[:3])})", file=lora.path,
+                        fix="nothing here can get smaller; use it as it is, or convert it (lora-resize convert)")
 
     fixed_caps = [r.rank_cap(False) for r in recipes if not r.scored and not r.kohya_rule]
     dense_rank = max(fixed_caps) if fixed_caps and len(fixed_caps) == len(recipes) and None not in fixed_caps \

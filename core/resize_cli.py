@@ -167,6 +167,7 @@ class _Job:
 
     def run(self, spec: str, members: list[tuple[str, float]], out_dir: Path | None) -> None:
         from .formats import read_lora
+        from .formats.writer import check_nameable
         from .merge import merge
         from .metadata import file_sha256
         from .resize import resize
@@ -184,6 +185,7 @@ class _Job:
             lora, operation = loras[0][0], "resize"
         else:
             lora, operation = merge(loras), "merge+resize"
+        check_nameable(lora, args.format, label=spec)  # before any work: names -f cannot spell without a table
         folder = out_dir or Path(members[0][0]).parent
         try:
             results = list(resize(lora, self.recipes, base=self.base, device=self.device, cache=self.cache,
@@ -316,6 +318,8 @@ def _report(result, path: Path, size: int, verbosity: int) -> None:
 
 
 def add_resize_parser(sub, handlers: dict[str, Callable], add_common: Callable) -> None:
+    from .cli import FORMAT_HELP, FORMATS
+
     p = sub.add_parser("resize", help="resize (and merge) LoRAs by recipes (the default command)")
     p.add_argument("checkpoint", help="base checkpoint (.safetensors or diffusers folder), or - for none")
     p.add_argument("lora_model_paths", nargs="+", help="LoRA files, or weighted merges a.safetensors:0.7,b:0.3")
@@ -323,7 +327,7 @@ def add_resize_parser(sub, handlers: dict[str, Callable], add_common: Callable) 
     p.add_argument("-r", "--score_recipes", default=DEFAULT_RECIPE, help="recipes separated by ':'")
     p.add_argument("-t", "--output_dtype", default="16", choices=sorted(_DTYPES), help="output precision")
     p.add_argument("-d", "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("-f", "--format", default="kohya", choices=("kohya", "peft", "comfy"))
+    p.add_argument("-f", "--format", default="kohya", choices=FORMATS, help=FORMAT_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_common(p)

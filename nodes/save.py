@@ -24,8 +24,10 @@ class SaveLoRA:
             "lora": (LORA_TYPE, {"tooltip": "The LoRA to save."}),
             "filename_prefix": ("STRING", {"default": "resized/lora", "tooltip": "Subfolder/name inside the "
                                                                                  "loras folder. " + RULE}),
-            "format": (["kohya", "peft", "comfy"], {"tooltip": "kohya loads everywhere; peft for diffusers; "
-                                                              "comfy is ComfyUI's own naming."}),
+            "format": (["kohya", "peft", "comfy", "keep"], {"tooltip": "kohya loads everywhere; peft for "
+                                                                      "diffusers; comfy is ComfyUI's own naming; "
+                                                                      "keep writes every layer under the names it "
+                                                                      "was read with (any model family)."}),
             "dtype": (["fp16", "bf16", "fp32"], {"tooltip": "Precision of the saved factors."}),
         }}
 

@@ -28,8 +28,9 @@ READ_SUFFIXES: dict[str, tuple[str | None, str]] = {
     ".lokr_w1": ("lokr", "w1"), ".lokr_w1_a": ("lokr", "w1a"), ".lokr_w1_b": ("lokr", "w1b"),
     ".lokr_w2": ("lokr", "w2"), ".lokr_w2_a": ("lokr", "w2a"), ".lokr_w2_b": ("lokr", "w2b"),
     ".lokr_t2": ("lokr", "t2"),
-    # full diffs
-    ".diff": ("full", "diff"), ".diff_b": (None, "diff_b"),
+    # full diffs; lightx2v's modulation diffs and replaced weights are only ever carried through
+    ".diff": ("full", "diff"), ".diff_b": (None, "diff_b"), ".diff_m": (None, "diff_m"),
+    ".set_weight": (None, "set_weight"),
     # per-layer scalars
     ".alpha": (None, "alpha"), ".dora_scale": (None, "dora_scale"),
 }
@@ -39,8 +40,10 @@ UNSUPPORTED_SUFFIXES: dict[str, str] = {
     ".ia3_l": "IA3", ".ia3_w": "IA3", ".weight_ia3": "IA3", ".ia3_l.weight": "IA3",
     ".oft_blocks": "OFT", ".oft_diag": "OFT", ".oft_r": "BOFT",
     ".a1.weight": "GLoRA", ".b1.weight": "GLoRA",
-    ".w_norm": "norm fine-tune", ".b_norm": "norm fine-tune", ".set_weight": "replaced weights",
+    ".w_norm": "norm fine-tune", ".b_norm": "norm fine-tune",
 }
+# Roles never resized, whatever their neighbours: carried byte-exact under their own key (LoraFile.passthrough).
+PASSTHROUGH_ROLES = ("diff_m", "set_weight")
 
 @dataclass(frozen=True)
 class Convention:
@@ -67,7 +70,11 @@ CONVENTIONS: dict[str, Convention] = {
                                 (None, "magnitude"): ".lora_magnitude_vector", ("full", "diff"): ".diff",
                                 (None, "diff_b"): ".diff_b", **_LYCORIS_WRITE},
                        alpha_in_tensor=False, magnitude_role="magnitude", slices=True),
+    # every layer under the key prefix and suffixes it was read with (kohya suffixes for roles it had not)
+    "keep": Convention("keep", _KOHYA_WRITE, slices=True),
 }
+# Factor suffixes of the styles that keep no alpha tensor: there ``-f keep`` bakes the scale into up.
+NO_ALPHA_STYLES = (".lora_B.weight", ".lora_B.default.weight")
 
 
 def split_key(key: str) -> tuple[str, str | None, str] | None:
@@ -78,6 +85,12 @@ def split_key(key: str) -> tuple[str, str | None, str] | None:
         return None
     kind, role = READ_SUFFIXES[best]
     return key[: -len(best)], kind, role
+
+
+def split_key_suffix(key: str) -> tuple[str, str | None, str, str] | None:
+    """(prefix, kind, role, suffix) of a tensor key; None if no suffix is known."""
+    parts = split_key(key)
+    return None if parts is None else (*parts, key[len(parts[0]):])
 
 
 def unsupported_family(key: str) -> str | None:

@@ -2,7 +2,10 @@
 
 One pass, driven by tables: split each key into prefix + role (``conventions.READ_SUFFIXES``),
 group by prefix, name each group canonically (``core.naming``), then check shapes and values.
-Keys that fit nowhere are listed in a warning and kept in ``LoraFile.unknown_keys``.
+A LoRA-shaped group is read whatever its prefix: where no table knows the name, the layer keeps it
+verbatim. Entries that are not low-rank (1-D norm diffs, lone ``.diff_b``, ``.diff_m``, ``.set_weight``)
+go to ``LoraFile.passthrough`` unchanged. Keys that fit nowhere are listed in a warning and kept in
+``LoraFile.unknown_keys``; a file with no LoRA layer at all is refused, saying what it looks like.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from .. import naming
 from ..errors import LoraError, UnsupportedFormat
 from ..model import Layer, LoraFile
 from ..safetensors_io import load_tensors, read_header
-from .conventions import split_key, unsupported_family
+from .conventions import PASSTHROUGH_ROLES, split_key_suffix, unsupported_family
 from .shapes import layer_shape, swap_output_halves
 
 log = logging.getLogger("lora_resize")
@@ -45,7 +48,41 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
     label = path or "<state dict>"
     if not tensors:
         raise LoraError("the file holds no tensors", file=label, fix="this is not a LoRA; pick another file")
-    groups: dict[str, dict[str, tuple[Optional[str], torch.Tensor]]] = {}
+    groups, unknown = group_keys(tensors, label)
+    architecture = arch or naming.detect_architecture(groups.keys(), metadata)
+    peft_alphas = _PeftAlphas(metadata, label)
+    layers: dict[str, Layer] = {}
+    passthrough: dict[str, torch.Tensor] = {}
+    for prefix, roles in groups.items():
+        layer, extras, leftover = build_group(prefix, roles, architecture, peft_alphas, label)
+        passthrough.update(extras)
+        unknown.extend(leftover)
+        if layer is None:
+            continue
+        key = layer_key(layer)
+        if key in layers:
+            raise LoraError(f"two entries change the same weight ({layers[key].source_key} and {prefix})",
+                            file=label, layer=layer.name, fix="the file mixes two naming styles; keep one of them")
+        layers[key] = layer
+    if not layers:
+        raise not_a_lora(tensors, label, passthrough)
+    if unknown:
+        log.warning("%s: %d keys not understood and left out: %s", label, len(unknown), ", ".join(sorted(unknown)))
+    verbatim = [layer.source_key for layer in layers.values() if layer.verbatim]
+    if verbatim:
+        log.info("%s: %d layers have names no table knows for %s; they keep their names (e.g. %s)", label,
+                 len(verbatim), architecture, ", ".join(verbatim[:3]))
+    return LoraFile(layers=layers, architecture=architecture, family=_family(groups, metadata),
+                    metadata=dict(metadata), path=path, unknown_keys=sorted(unknown), passthrough=passthrough)
+
+
+Roles = dict[str, tuple[Optional[str], torch.Tensor, str]]  # role -> (kind, tensor, suffix as stored)
+
+
+def group_keys(tensors: Mapping[str, torch.Tensor], label: str) -> tuple[dict[str, Roles], list[str]]:
+    """Tensors grouped by key prefix ({prefix: {role: (kind, tensor, suffix)}}), and the keys with no known
+    suffix. Refuses the adapter families we cannot represent (IA3, OFT ...) by name."""
+    groups: dict[str, Roles] = {}
     unknown: list[str] = []
     for key, tensor in tensors.items():
         family = unsupported_family(key)
@@ -53,37 +90,71 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
             raise UnsupportedFormat(f"{family} adapters are not supported (only LoRA/LoCon, LoHa, LoKr, DoRA "
                                     "and full diffs are)", file=label, layer=key,
                                     fix=f"convert the {family} file to a LoRA with its training tool first")
-        parts = split_key(key)
+        parts = split_key_suffix(key)
         if parts is None:
             unknown.append(key)
             continue
-        prefix, kind, role = parts
-        groups.setdefault(prefix, {})[role] = (kind, tensor)
-    if not groups:
-        if any(marker in key for key in tensors for marker in _CHECKPOINT_MARKERS):
-            raise LoraError("this looks like a model checkpoint, not a LoRA (it has full model weights and no "
-                            "LoRA factors)", file=label, fix="pass the checkpoint as the base model, and a LoRA file "
-                            "as the LoRA")
-        raise LoraError(f"no LoRA layers found among {len(tensors)} tensors (e.g. {next(iter(tensors))})",
-                        file=label, fix="this is not a LoRA file in a format this tool reads")
+        prefix, kind, role, suffix = parts
+        groups.setdefault(prefix, {})[role] = (kind, tensor, suffix)
+    return groups, unknown
 
-    architecture = arch or naming.detect_architecture(groups.keys(), metadata)
-    peft_alphas = _PeftAlphas(metadata, label)
-    layers: dict[str, Layer] = {}
-    for prefix, roles in groups.items():
-        layer = _build_layer(prefix, roles, architecture, peft_alphas, label)
-        if layer is None:
-            unknown.extend(f"{prefix}{'.' if not prefix.endswith('.') else ''}{role}" for role in roles)
-            continue
-        key = layer_key(layer)
-        if key in layers:
-            raise LoraError(f"two entries change the same weight ({layers[key].source_key} and {prefix})",
-                            file=label, layer=layer.name, fix="the file mixes two naming styles; keep one of them")
-        layers[key] = layer
-    if unknown:
-        log.warning("%s: %d keys not understood and left out: %s", label, len(unknown), ", ".join(sorted(unknown)))
-    return LoraFile(layers=layers, architecture=architecture, family=_family(groups, metadata),
-                    metadata=dict(metadata), path=path, unknown_keys=sorted(unknown))
+
+def _is_weight_diff(tensor: torch.Tensor) -> bool:
+    """A ``.diff`` that is a matrix (or conv kernel) worth decomposing; a norm's 1-D diff, Wan's
+    ``modulation.diff`` [1, 6, dim] and other single-row or single-column diffs are carried as they are."""
+    return tensor.dim() >= 2 and tensor.shape[0] > 1 and math.prod(tensor.shape[1:]) > 1
+
+
+def build_group(prefix: str, roles: Roles, arch: str, peft_alphas: "_PeftAlphas", label: str
+                ) -> tuple[Optional[Layer], dict[str, torch.Tensor], list[str]]:
+    """One prefix's tensors -> (layer or None, pass-through entries {key: tensor}, keys left out)."""
+    extras: dict[str, torch.Tensor] = {}
+    roles = dict(roles)
+    carried = [role for role in PASSTHROUGH_ROLES if role in roles]
+    if "diff" in roles and not _is_weight_diff(roles["diff"][1]):
+        carried.append("diff")
+    if "diff_b" in roles and not any(kind is not None for role, (kind, _, _) in roles.items() if role not in carried):
+        carried.append("diff_b")
+    for role in carried:
+        _, tensor, suffix = roles.pop(role)
+        extras[prefix + suffix] = tensor
+    for key, tensor in extras.items():
+        _check_values(key[len(prefix):].lstrip("."), tensor, False, label, prefix)
+    if not roles:
+        return None, extras, []
+    layer = _build_layer(prefix, roles, arch, peft_alphas, label)
+    leftover = [] if layer is not None else [prefix + suffix for _, _, suffix in roles.values()]
+    return layer, extras, leftover
+
+
+_EMBEDDING_KEYS = ("emb_params", "string_to_param", "string_to_param.*", "clip_l", "clip_g", "string_to_token")
+
+
+def not_a_lora(tensors: Mapping[str, torch.Tensor], label: str,
+               passthrough: Mapping[str, torch.Tensor] | None = None) -> LoraError:
+    """The refusal of a file without a single LoRA layer, naming what it looks like instead."""
+    keys = list(tensors)
+    count = f"0 of {len(keys)} keys are LoRA factors"
+    if passthrough:
+        shown = ", ".join(f"{key}: {key.rpartition('.')[2]} has shape {tuple(t.shape)}"
+                          for key, t in list(passthrough.items())[:3])
+        return LoraError(f"{count}: it holds only {len(passthrough)} entries that are not low-rank ({shown}), "
+                         "nothing to resize or convert", file=label,
+                         fix="load it with ComfyUI's LoraLoader as it is; a LoRA file has lora_up/lora_down "
+                         "(or lora_A/lora_B, LoHa, LoKr) factors")
+    if len(keys) <= 3 and all(k in _EMBEDDING_KEYS or k.startswith("string_to_param.") for k in keys):
+        return LoraError(f"{count}: looks like a textual-inversion embedding ({', '.join(keys)})", file=label,
+                         fix="use it in a prompt as embedding:<name> (embeddings folder); it has no LoRA to resize")
+    weights = all(k.endswith((".weight", ".bias", ".scale", "_scale", ".running_mean", ".running_var",
+                              ".num_batches_tracked")) for k in keys)
+    if any(marker in key for key in keys for marker in _CHECKPOINT_MARKERS) or (weights and len(keys) > 3):
+        return LoraError(f"{count}: looks like a model checkpoint, not a LoRA (full model weights such as "
+                         f"{keys[0]})", file=label,
+                         fix="pass the checkpoint as the base model (CHECKPOINT), and a LoRA file as the LoRA")
+    shown = ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+    return LoraError(f"{count}: no key ends in a LoRA suffix (.lora_up/.lora_down, .lora_A/.lora_B, .hada_*, "
+                     f".lokr_*, .diff ...); it holds {shown}", file=label,
+                     fix="this is not a LoRA file in a format this tool reads; pick the LoRA file itself")
 
 
 def _finite_in_fp32(tensor: torch.Tensor) -> bool:
@@ -120,8 +191,10 @@ def layer_key(layer: Layer) -> str:
     return f"{layer.name}[{layer.offset[1]}:{layer.offset[1] + layer.offset[2]}]"
 
 
-def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor]], arch: str,
-                 peft_alphas: "_PeftAlphas", label: str) -> Optional[Layer]:
+def _build_layer(prefix: str, stored: Roles, arch: str, peft_alphas: "_PeftAlphas", label: str) -> Optional[Layer]:
+    """The layer of one LoRA-shaped group, whatever its prefix: a prefix no naming table knows keeps its
+    name verbatim (its shape comes from its factors). None for extras without factors (a lone alpha)."""
+    roles = {role: (kind, tensor) for role, (kind, tensor, _) in stored.items()}
     kinds = {kind for kind, _ in roles.values() if kind is not None}
     factors = {role: t for role, (kind, t) in roles.items() if kind is not None}
     if not kinds:
@@ -131,8 +204,9 @@ def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor
                         fix="the file is corrupt or merged badly; re-export it")
     kind = kinds.pop()
     target = naming.to_canonical(prefix, arch)
-    if target is None:
-        return None
+    verbatim = target is None
+    if verbatim:
+        target = naming.Target(prefix)
     for role, (_, tensor) in roles.items():
         if role != "alpha":
             _check_values(role, tensor, role in factors, label, prefix)
@@ -157,7 +231,8 @@ def _build_layer(prefix: str, roles: dict[str, tuple[Optional[str], torch.Tensor
         dora = None if dora is None else torch.roll(dora, shape[0] // 2, dims=0)
         bias = None if bias is None else torch.roll(bias, shape[0] // 2, dims=0)
     return Layer(name=target.name, kind=kind, factors=factors, shape=shape, alpha=alpha, offset=offset,
-                 dora_scale=dora, bias_diff=bias, source_key=prefix)
+                 dora_scale=dora, bias_diff=bias, source_key=prefix, verbatim=verbatim,
+                 suffixes={role: suffix for role, (_, _, suffix) in stored.items()})
 
 
 def _alpha(prefix: str, roles, kind: str, factors, peft_alphas: "_PeftAlphas", label: str) -> Optional[float]:

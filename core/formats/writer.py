@@ -1,8 +1,15 @@
-"""Write a :class:`LoraFile` in kohya (default), PEFT/diffusers or ComfyUI naming.
+"""Write a :class:`LoraFile` in kohya (default), PEFT/diffusers, ComfyUI naming, or ``keep`` (as read).
 
 Every written file reads back to the same ΔW: a convention that cannot name a row slice (kohya,
 ComfyUI) gets slice layers fused into one block layer of the fused weight; a convention that cannot
 name the fused weight (PEFT for Flux) gets it split by rows. Both are exact.
+
+Layers whose names no table knows (``Layer.verbatim``) keep their key prefix. In kohya format a
+ComfyUI-style ``diffusion_model.X`` becomes ``lora_unet_`` + X with ``_`` for ``.`` (ComfyUI's generic
+rule, mapped for every model); any other name a convention cannot spell without a table is refused
+before anything is written (:func:`check_nameable`), naming the layers: ``-f keep`` writes them.
+Pass-through entries (``LoraFile.passthrough``) are written under their own keys, byte-exact.
+Before a file is moved into place it is read back and checked (``core.formats.readback``).
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from ..safetensors_io import (
     header_size,
     safetensors_size,
 )
-from .conventions import CONVENTIONS, Convention
+from .conventions import CONVENTIONS, NO_ALPHA_STYLES, Convention
+from .readback import check_file, check_plan
 from .shapes import swap_output_halves
 
 log = logging.getLogger("lora_resize")
@@ -97,15 +105,24 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype 
     """Tensors (and convention-specific metadata) for ``lora`` in ``convention``.
 
     ``check``: every tensor must be finite at ``dtype`` (see :func:`checked_cast`); size estimates skip it."""
+    tensors, meta, _ = planned_state_dict(lora, convention, dtype, check)
+    return tensors, meta
+
+
+def planned_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype | None = None,
+                       check: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str], list[tuple[Layer, str]]]:
+    """:func:`to_state_dict` plus the plan: each written layer (after fusing or splitting slices) and its
+    key prefix, which is what the read-back check compares the file with."""
     def cast(tensor: torch.Tensor, layer: Layer, key: str) -> torch.Tensor:
         return checked_cast(tensor, dtype, layer=layer.name, what=key) if check else _cast(tensor, dtype)
 
     conv = _convention(convention)
-    layers = _fit_slices(list(lora.layers.values()), lora.architecture, conv)
+    check_nameable(lora, convention)
+    plan = _plan(lora, conv)
     tensors: dict[str, torch.Tensor] = {}
     peft_ranks: dict[str, dict[str, int]] = defaultdict(dict)
-    for layer, prefix in layers:
-        if naming.swapped_halves(layer.name, conv.name):
+    for layer, prefix in plan:
+        if _swapped_in_file(layer, conv, lora.architecture):
             layer = _with_output_halves_swapped(layer, prefix)
         if layer.kind == "lokr" and "t2" in layer.factors:
             layer = _lokr_tucker_folded(layer)
@@ -114,27 +131,102 @@ def to_state_dict(lora: LoraFile, convention: str = "kohya", dtype: torch.dtype 
             # no Tucker core in this format: fold it into down (exact), a plain LoCon of the same rank
             factors["down"] = effective_down(layer).reshape(layer.rank, *layer.shape[1:])
             del factors["mid"]
-        if not conv.alpha_in_tensor and layer.kind == "lora" and layer.scale != 1.0:
-            factors["up"] = factors["up"].to(torch.float32) * layer.scale  # PEFT: bake the scale in
+        suffix = _suffixes(layer, conv)
+        alpha_in_tensor = conv.alpha_in_tensor and not (conv.name == "keep" and suffix("lora", "up") in NO_ALPHA_STYLES)
+        if not alpha_in_tensor and layer.kind == "lora" and layer.scale != 1.0:
+            baked = factors["up"].to(torch.float32) * layer.scale  # PEFT: bake the scale in
+            factors["up"] = baked if conv.name != "keep" else baked.to(factors["up"].dtype)
         for role, tensor in factors.items():
-            key = prefix + conv.write[(layer.kind, role)]
+            key = prefix + suffix(layer.kind, role)
             tensors[key] = cast(tensor, layer, key)
         # PEFT keeps a LoRA's alpha in metadata; LyCORIS kinds have no such place and keep `.alpha`
-        if layer.alpha is not None and layer.kind != "full" and (conv.alpha_in_tensor or layer.kind != "lora"):
+        if layer.alpha is not None and layer.kind != "full" and (alpha_in_tensor or layer.kind != "lora"):
             if check and not math.isfinite(layer.alpha):
                 raise LoraError(f"alpha is {layer.alpha}", layer=layer.name, fix="the source file is corrupt: "
                                 "re-download or re-train it")
-            tensors[prefix + ALPHA_SUFFIX] = _alpha_tensor(layer.alpha, dtype or _dtype_of(layer))
-        if not conv.alpha_in_tensor and layer.kind == "lora":
+            tensors[prefix + suffix(None, "alpha")] = _alpha_tensor(layer.alpha, dtype or _dtype_of(layer))
+        if conv.name == "peft" and layer.kind == "lora":
             component, _, module = prefix.partition(".")
             peft_ranks[component][module] = layer.rank
         if layer.dora_scale is not None:
-            tensors.update({k: cast(t, layer, k) for k, t in _dora_tensors(layer, prefix, conv, None).items()})
+            tensors.update({k: cast(t, layer, k) for k, t in _dora_tensors(layer, prefix, conv, suffix).items()})
         if layer.bias_diff is not None:
-            key = prefix + conv.write[(None, "diff_b")]
+            key = prefix + suffix(None, "diff_b")
             tensors[key] = cast(layer.bias_diff, layer, key)
+    for key, tensor in lora.passthrough.items():
+        if key in tensors:
+            raise LoraError(f"the pass-through entry {key} has the name of a written layer's tensor", layer=key,
+                            fix="write with -f keep, which keeps every name as it was read")
+        tensors[key] = tensor.contiguous()  # byte-exact: never cast
     extra_meta = _peft_metadata(peft_ranks, lora) if peft_ranks else {}
-    return tensors, extra_meta
+    return tensors, extra_meta, plan
+
+
+def _suffixes(layer: Layer, conv: Convention):
+    """suffix(kind, role) for this layer: as read under ``keep``, else the convention's table."""
+    read = (layer.suffixes or {}) if conv.name == "keep" else {}
+
+    def suffix(kind: str | None, role: str) -> str:
+        return read.get(role) or conv.write.get((kind, role)) or CONVENTIONS["kohya"].write[(kind, role)]
+    return suffix
+
+
+def _swapped_in_file(layer: Layer, conv: Convention, arch: str) -> bool:
+    """Whether the written module's output halves are the canonical ones swapped (Flux norm_out.linear)."""
+    if layer.verbatim:
+        return False
+    if conv.name == "keep":
+        target = naming.to_canonical(layer.source_key, arch)
+        return target is not None and target.swap_halves
+    return naming.swapped_halves(layer.name, conv.name)
+
+
+# --- names: canonical layers through the tables, verbatim layers by ComfyUI's generic rules ---------
+
+_KOHYA_VERBATIM = ("lora_unet_", "lora_te")
+_PEFT_VERBATIM = ("transformer.", "unet.", "text_encoder.", "text_encoder_2.")
+
+
+def verbatim_prefix(layer: Layer, convention: str) -> str | None:
+    """The key prefix of a layer no table names, in ``convention``; None where that needs a table."""
+    key = layer.source_key
+    if convention == "keep":
+        return key
+    if convention == "kohya":
+        if key.startswith(_KOHYA_VERBATIM):
+            return key
+        if key.startswith("diffusion_model."):
+            return "lora_unet_" + key[len("diffusion_model."):].replace(".", "_")
+    if convention == "comfy" and key.startswith(("diffusion_model.", "text_encoders.")):
+        return key
+    if convention == "peft" and key.startswith(_PEFT_VERBATIM):
+        return key
+    return None
+
+
+def check_nameable(lora: LoraFile, convention: str, label: str | None = None) -> None:
+    """Refuse, before any work, a convention that cannot name some layers without a table: how many, which."""
+    _convention(convention)
+    if convention == "keep":
+        return
+    bad = [layer.source_key for layer in lora if layer.verbatim and verbatim_prefix(layer, convention) is None]
+    if not bad:
+        return
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise LoraError(f"{len(bad)} of {len(lora)} layers have names no naming table knows for architecture "
+                    f"{lora.architecture!r} ({shown}): converting them to {convention} format needs a table for "
+                    "this model family", file=label or lora.path,
+                    fix="write with -f keep (every layer under the names it was read with)"
+                    + (", or -f kohya (ComfyUI's generic lora_unet_ names)"
+                       if all(k.startswith("diffusion_model.") for k in bad) else ""))
+
+
+def _plan(lora: LoraFile, conv: Convention) -> list[tuple[Layer, str]]:
+    layers = list(lora.layers.values())
+    if conv.name == "keep":
+        return [(layer, layer.source_key) for layer in layers]
+    out = [(layer, verbatim_prefix(layer, conv.name)) for layer in layers if layer.verbatim]
+    return out + _fit_slices([layer for layer in layers if not layer.verbatim], lora.architecture, conv)
 
 
 def _lokr_tucker_folded(layer: Layer) -> Layer:
@@ -163,7 +255,7 @@ def _tensors_and_metadata(lora: LoraFile, convention: str, dtype: torch.dtype | 
                           recipe: str | None, sources: Iterable[Mapping[str, str]],
                           extra_provenance: Mapping | None, label: str, check: bool = True):
     try:
-        tensors, convention_meta = to_state_dict(lora, convention, dtype, check=check)
+        tensors, convention_meta, plan = planned_state_dict(lora, convention, dtype, check=check)
     except LoraError as exc:  # name the output file, keeping the error's type
         if exc.file:
             raise
@@ -173,7 +265,7 @@ def _tensors_and_metadata(lora: LoraFile, convention: str, dtype: torch.dtype | 
                         fix="loosen the threshold or raise the size/rank target")
     meta = output_metadata(lora, operation=operation, recipe=recipe, sources=sources, extra=extra_provenance)
     meta.update(convention_meta)
-    return tensors, meta
+    return tensors, meta, plan
 
 
 def encoded_size(lora: LoraFile, *, convention: str = "kohya", dtype: torch.dtype | None = None,
@@ -181,8 +273,8 @@ def encoded_size(lora: LoraFile, *, convention: str = "kohya", dtype: torch.dtyp
                  extra_provenance: Mapping | None = None) -> int:
     """Byte size of the file ``write_lora`` writes, without serializing any data: factors may live on the
     ``meta`` device. Used to fit ``size=`` targets exactly."""
-    tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
-                                          extra_provenance, "<output>", check=False)
+    tensors, meta, _ = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
+                                             extra_provenance, "<output>", check=False)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = "0" * 64, "0" * 8
     return safetensors_size({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, meta)
 
@@ -195,10 +287,13 @@ def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "ko
 
     Streams tensor by tensor (no copy of the whole file in memory) and hashes each chunk in a second
     thread while the first writes it: the header, which holds the hashes, has a fixed length, so it
-    is written last, in place.
+    is written last, in place. The plan is checked against the LoRA before anything is opened, and the
+    finished temp file is read back group by group against the plan before it is moved into place
+    (``core.formats.readback``): a mismatch is a LoraError, and no file appears.
     """
-    tensors, meta = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
-                                          extra_provenance, str(path))
+    tensors, meta, plan = _tensors_and_metadata(lora, convention, dtype, operation, recipe, list(sources),
+                                                extra_provenance, str(path))
+    check_plan(lora, plan, str(path))
     if convention == "peft" and any(layer.dora_scale is not None for layer in lora):
         log.warning("%s: DoRA magnitudes are written as PEFT's lora_magnitude_vector, which ComfyUI (0.3.64) "
                     "does not read: there the file applies as plain LoRA. Use -f kohya or -f comfy for ComfyUI.",
@@ -226,7 +321,8 @@ def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "ko
         fh.seek(0)
         fh.write(header)
 
-    atomic_write(fill, path, overwrite=overwrite)
+    atomic_write(fill, path, overwrite=overwrite,
+                 verify=lambda tmp: check_file(tmp, lora, plan, tensors, label=str(path)))
     return written
 
 
@@ -251,14 +347,17 @@ def _alpha_tensor(alpha: float, dtype: torch.dtype) -> torch.Tensor:
     return stored if float(stored.float()) == float(alpha) else torch.tensor(alpha, dtype=torch.float32)
 
 
-def _dora_tensors(layer: Layer, prefix: str, conv: Convention, dtype) -> dict[str, torch.Tensor]:
+def _dora_tensors(layer: Layer, prefix: str, conv: Convention, suffix) -> dict[str, torch.Tensor]:
+    """DoRA's magnitude: LyCORIS ``dora_scale`` as stored, or PEFT's ``lora_magnitude_vector`` [out]
+    (PEFT format, and ``keep`` for a layer read that way)."""
     magnitude = layer.dora_scale
-    if conv.magnitude_role == "magnitude":
+    role = "magnitude" if conv.name == "keep" and "magnitude" in (layer.suffixes or {}) else conv.magnitude_role
+    if role == "magnitude":
         if magnitude.shape[0] != layer.shape[0] or magnitude.numel() != layer.shape[0]:
             raise LoraError("DoRA magnitude on the input axis cannot be written in PEFT format", layer=layer.name,
                             fix="write this LoRA in kohya format")
         magnitude = magnitude.reshape(-1)
-    return {prefix + conv.write[(None, conv.magnitude_role)]: _cast(magnitude, dtype)}
+    return {prefix + suffix(None, role): _cast(magnitude, None)}
 
 
 def _peft_metadata(ranks: Mapping[str, Mapping[str, int]], lora: LoraFile) -> dict[str, str]:

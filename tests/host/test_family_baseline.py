@@ -57,9 +57,7 @@ PEFT_FAMILIES = {"qwen_image", "sd3", "chroma", "hidream"}
 # (patched, unloaded) in the host; "exit 1" = "nothing to write: every layer was dropped".
 _ZERO = "inspect 0 layers; convert exits 1 ('every layer was dropped')"
 TODAY = {
-    ("wan21_t2v", "musubi"): _ZERO, ("wan21_t2v", "comfy"): _ZERO, ("wan21_t2v", "lightx2v"): _ZERO,
-    ("wan21_i2v", "musubi"): _ZERO, ("wan21_i2v", "comfy"): _ZERO, ("wan21_i2v", "lightx2v"): _ZERO,
-    ("wan22_ti2v_5b", "musubi"): _ZERO, ("wan22_ti2v_5b", "comfy"): _ZERO,
+    ("wan21_t2v", "musubi"): _ZERO, ("wan21_i2v", "musubi"): _ZERO, ("wan22_ti2v_5b", "musubi"): _ZERO,
     ("qwen_image", "musubi"): "inspect 16 of 24 (read as sdxl); kohya 0/24 unloaded, comfy 0/24, peft 16 patched",
     ("qwen_image", "comfy"): "inspect 16 of 28 (read as sdxl); kohya 0/20 unloaded, comfy 0/20, peft 16 patched",
     ("qwen_image", "diffusers"): "inspect 16 of 28 (read as flux); kohya 0/20 unloaded, comfy 0/20, peft 16",
@@ -73,13 +71,23 @@ TODAY = {
     ("hunyuan_video", "musubi_converted"): "kohya output (Flux names): 12 patched, 16 unloaded",
     ("ltxv", "comfy"): "inspect 4 of 20 (read as sdxl); kohya and comfy outputs 0 patched, 8 unloaded",
     ("hidream", "simpletuner"): _ZERO, ("hidream", "lycoris"): _ZERO, ("hidream", "comfy"): _ZERO,
-    ("lumina2", "kohya"): _ZERO, ("lumina2", "comfy"): _ZERO,
+    ("lumina2", "kohya"): _ZERO,
     ("sdxl_refiner", "kohya"): "read as sd15; comfy output (SGM names) 166 patched, 54 unloaded, wrong slots",
 }
 # (family, convention, format) that pass on today's code: what held, keep it so.
 HELD = {("chroma", c, f) for c in ("kohya", "comfy", "diffusers") for f in ("kohya", "comfy", "peft")} | {
     ("sdxl_refiner", "kohya", "kohya"), ("sdxl_refiner", "sgm", "kohya"), ("sdxl_refiner", "sgm", "comfy"),
     ("hunyuan_video", "diffusion_pipe", "comfy"), ("hunyuan_video", "musubi_converted", "comfy")}
+
+# Flipped by issue 9 deliverables 1-2 (open names: layers no table knows keep their names; ComfyUI-style
+# diffusion_model.X is written in kohya format by the host's generic lora_unet_ rule; extras carried byte-exact).
+HELD |= {(f, c, fmt) for f in ("wan21_t2v", "wan21_i2v", "wan22_ti2v_5b") for c, fmts in
+         (("musubi", ("kohya",)), ("comfy", ("kohya", "comfy")), ("lightx2v", ("kohya", "comfy"))) for fmt in fmts
+         if (f, c) in {(c2.family, c2.name) for c2 in CONVENTIONS}} | {
+    ("hidream", "comfy", "kohya"), ("hidream", "comfy", "comfy"), ("hidream", "simpletuner", "peft"),
+    ("lumina2", "comfy", "kohya"), ("lumina2", "comfy", "comfy"), ("lumina2", "kohya", "kohya"),
+    ("qwen_image", "diffusers", "peft"), ("sd3", "diffusers", "peft"), ("sd3", "kohya", "kohya"),
+    ("sd3", "kohya_unet", "kohya")}
 
 LOADED = [c for c in CONVENTIONS if c.host_loads]
 REFUSED = [c for c in CONVENTIONS if not c.host_loads]
