@@ -108,10 +108,17 @@ def test_resize_run_draws_the_chart_with_the_numbers_of_the_run(page, server):
     blocks = chart["blocks"]
     assert len(blocks) >= 5 and chart["size_after"] < chart["size_before"]
     # the numbers the server reported for this run are the numbers on the node
-    history = server["requests"].get(f"{server['url']}/history", timeout=10).json()
-    runs = [entry["outputs"][str(drawn["id"])]["lora_resize_chart"][0] for entry in history.values()
-            if str(drawn["id"]) in entry.get("outputs", {})
-            and "lora_resize_chart" in entry["outputs"][str(drawn["id"])]]
+    # (the node's 'executed' message comes before the prompt's later nodes finish and its history is written)
+    runs: list = []
+    deadline = time.monotonic() + 120
+    while not runs and time.monotonic() < deadline:
+        history = server["requests"].get(f"{server['url']}/history", timeout=10).json()
+        runs = [entry["outputs"][str(drawn["id"])]["lora_resize_chart"][0] for entry in history.values()
+                if entry.get("status", {}).get("completed")
+                and str(drawn["id"]) in entry.get("outputs", {})
+                and "lora_resize_chart" in entry["outputs"][str(drawn["id"])]]
+        if not runs:
+            time.sleep(0.25)
     assert runs and runs[-1] == chart
     # and the file the run saved holds exactly the kept ranks the chart shows
     saved = sorted((server["loras"] / "resized").glob("my_sdxl_lora_*.safetensors"), key=os.path.getmtime)[-1]
