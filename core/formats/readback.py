@@ -169,7 +169,7 @@ def check_plan(lora: LoraFile, plan: Sequence[tuple[Layer, str]], label: Optiona
 def check_file(path: str, lora: LoraFile, plan: Sequence[tuple[Layer, str]], tensors: Mapping[str, torch.Tensor],
                label: Optional[str] = None) -> None:
     """The finished file at ``path`` holds ``tensors`` and reads back, prefix by prefix, as ``plan`` says."""
-    from .reader import _PeftAlphas, build_group, group_keys
+    from .reader import _PeftAlphas
 
     label = label or path
     header, metadata = read_header(path)
@@ -187,38 +187,48 @@ def check_file(path: str, lora: LoraFile, plan: Sequence[tuple[Layer, str]], ten
     peft_alphas = _PeftAlphas(metadata, label)
     seen_extras: set[str] = set()
     for prefix, keys in groups.items():
-        stored = load_tensors(path, keys=keys, header=header)
-        for key, tensor in stored.items():
-            meant = tensors[key]
-            if tensor.dtype != meant.dtype or tuple(tensor.shape) != tuple(meant.shape):
-                raise _mismatch(f"{key} is {tensor.dtype} {tuple(tensor.shape)}, meant {meant.dtype} "
-                                f"{tuple(meant.shape)}", key, label)
-        roles = group_keys(stored, label)[0][prefix]
-        layer, extras, leftover = build_group(prefix, roles, lora.architecture, peft_alphas, label)
-        if leftover:
-            raise _mismatch(f"{', '.join(leftover)} read back as no layer", prefix, label)
-        for key, tensor in extras.items():
-            source = lora.passthrough.get(key)
-            if source is None or source.dtype != tensor.dtype or not torch.equal(source.reshape(-1).view(torch.uint8),
-                                                                                tensor.reshape(-1).view(torch.uint8)):
-                raise _mismatch(f"the pass-through entry {key} is not byte-equal to the source", key, label)
-            seen_extras.add(key)
-        if layer is None:
-            continue
-        if prefix not in planned:
-            raise _mismatch(f"{prefix} was written but not planned", prefix, label)
-        meant = planned.pop(prefix)
-        _check_identity(layer, meant, prefix, label)
         try:
-            _compare(meant.name, [meant], [_placed(layer, meant)], f"written as {prefix}")
+            _check_group(path, header, prefix, keys, lora, planned, tensors, peft_alphas, seen_extras, label)
         except LoraError as exc:
-            raise exc.with_file(label) from None
+            if exc.fix == _FIX:
+                raise exc.with_file(label) from None
+            raise _mismatch(f"{prefix} does not read back: {exc.problem}", exc.layer or prefix, label) from None
     if planned:
         raise _mismatch(f"{len(planned)} planned layers are not in the file ({', '.join(list(planned)[:5])})",
                         None, label)
     lost = sorted(lora.passthrough.keys() - seen_extras)
     if lost:
         raise _mismatch(f"{len(lost)} pass-through entries are not in the file ({', '.join(lost[:5])})", None, label)
+
+
+def _check_group(path: str, header, prefix: str, keys: list[str], lora: LoraFile, planned: dict[str, Layer],
+                 tensors: Mapping[str, torch.Tensor], peft_alphas, seen_extras: set[str], label: str) -> None:
+    """One key prefix of the file: its tensors as meant, read by the reader itself as the planned layer."""
+    from .reader import build_group, group_keys
+
+    stored = load_tensors(path, keys=keys, header=header)
+    for key, tensor in stored.items():
+        meant = tensors[key]
+        if tensor.dtype != meant.dtype or tuple(tensor.shape) != tuple(meant.shape):
+            raise _mismatch(f"{key} is {tensor.dtype} {tuple(tensor.shape)}, meant {meant.dtype} "
+                            f"{tuple(meant.shape)}", key, label)
+    roles = group_keys(stored, label)[0][prefix]
+    layer, extras, leftover = build_group(prefix, roles, lora.architecture, peft_alphas, label)
+    if leftover:
+        raise _mismatch(f"{', '.join(leftover)} read back as no layer", prefix, label)
+    for key, tensor in extras.items():
+        source = lora.passthrough.get(key)
+        if source is None or source.dtype != tensor.dtype or not torch.equal(source.reshape(-1).view(torch.uint8),
+                                                                            tensor.reshape(-1).view(torch.uint8)):
+            raise _mismatch(f"the pass-through entry {key} is not byte-equal to the source", key, label)
+        seen_extras.add(key)
+    if layer is None:
+        return
+    if prefix not in planned:
+        raise _mismatch(f"{prefix} was written but not planned", prefix, label)
+    meant = planned.pop(prefix)
+    _check_identity(layer, meant, prefix, label)
+    _compare(meant.name, [meant], [_placed(layer, meant)], f"written as {prefix}")
 
 
 def _check_identity(read: Layer, meant: Layer, prefix: str, label: str) -> None:
