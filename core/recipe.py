@@ -3,7 +3,9 @@
 A recipe is comma-separated ``key[=value]`` tokens; several recipes are ``:``-separated and share
 one decomposition. Scoring methods (weights normalised to sum 1; a bare name weighs 1):
 spn_ckpt, spn_lora, fro_ckpt, fro_lora, subspace, params. Selection: ``thr=`` (log10 score),
-``size=`` (MiB), ``rank=``/``conv_rank=`` (fixed), kohya's ``sv_ratio=``/``sv_fro=``/``sv_cumulative=``.
+``size=`` (MiB), ``rank=``/``conv_rank=`` (fixed), kohya's ``sv_ratio=``/``sv_fro=``/``sv_cumulative=``,
+KJNodes' ``sv_knee=``, and error budgets ``err=``/``err_ckpt=`` (percent, see core.select). ``pad=N`` zero-pads
+every kept layer to rank N afterwards (core.pad), so a set of LoRAs shares one rank.
 Reducers: ``method=svd|rsvd|randproj`` with ``niter=``, ``sparse=``, ``seed=``. ``rescale=`` scales ΔW.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ REDUCERS = ("svd", "rsvd", "randproj")
 DEFAULT_RECIPE = "fro_ckpt=1,thr=-3.5"
 _NUMBER_KEYS = {"thr": float, "size": float, "rescale": float, "rank": int, "conv_rank": int,
                 "sv_ratio": float, "sv_fro": float, "sv_cumulative": float, "niter": int, "sparse": float,
-                "seed": int}
+                "seed": int, "err": float, "err_ckpt": float, "sv_knee": float, "pad": int}
 # key: (low, high, low included, why). Bounds keep every number finite, every file name short and every
 # run finite in time; the reasons are shown to the user.
 _RANGES: dict[str, tuple[float, float, bool, str]] = {
@@ -37,13 +39,19 @@ _RANGES: dict[str, tuple[float, float, bool, str]] = {
     "niter": (0, 100, True, "it counts the randomized SVD's power iterations (beyond ~10 nothing changes)"),
     "sparse": (0, 1, False, "it is the density of the random projection"),
     "seed": (0, 2**64 - 1, True, "it seeds torch's generator, which takes 0 to 2⁶⁴−1"),
+    "err": (0, 100, True, "it is the whole LoRA's relative error ‖ΔW − ΔW'‖ / ‖ΔW‖ in percent"),
+    "err_ckpt": (0, 100, True, "it is the error against the base, √(Σ‖ΔW − ΔW'‖² / Σ‖W‖²), in percent"),
+    "sv_knee": (0, 2, False, "it is KJNodes' knee sensitivity: 1 is the standard Kneedle knee, lower keeps "
+                "fewer values, higher more (KJNodes offers up to 2)"),
+    "pad": (1, 65536, True, "it is the rank every layer is padded to (no layer is wider than 65536)"),
     "weight": (0, 1e6, True, "weights are normalised to sum 1; a negative one would reward what the method "
                "penalises"),
 }
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _INT = re.compile(r"[+-]?[0-9]{1,20}")
 _NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
-_ATTRIBUTE = {"thr": "threshold", "size": "size_mib"}
+_ATTRIBUTE = {"thr": "threshold", "size": "size_mib", "err": "err_lora"}
+_LAYER_RULES = ("sv_ratio", "sv_fro", "sv_cumulative", "sv_knee")
 
 
 @dataclass
@@ -57,6 +65,10 @@ class Recipe:
     sv_ratio: Optional[float] = None
     sv_fro: Optional[float] = None
     sv_cumulative: Optional[float] = None
+    sv_knee: Optional[float] = None
+    err_lora: Optional[float] = None  # err=P: percent of ‖ΔW‖_F
+    err_ckpt: Optional[float] = None  # err_ckpt=P: percent of the base's ‖W‖_F
+    pad: Optional[int] = None
     rescale: float = 1.0
     method: str = "svd"
     niter: int = 2
@@ -65,16 +77,33 @@ class Recipe:
 
     @property
     def needs_base(self) -> bool:
-        return bool(BASE_METHODS & set(self.weights))
+        return bool(self.base_references & BASE_METHODS)
+
+    @property
+    def base_references(self) -> set[str]:
+        """The methods whose base references the recipe uses: its weights, and fro_ckpt for err_ckpt=
+        (whose denominator is the base layers' Frobenius norms)."""
+        return set(self.weights) | ({"fro_ckpt"} if self.err_ckpt is not None else set())
+
+    @property
+    def budget(self) -> Optional[tuple[str, float]]:
+        """``("err", P)`` or ``("err_ckpt", P)``: an error budget in percent, else None."""
+        if self.err_lora is not None:
+            return "err", self.err_lora
+        if self.err_ckpt is not None:
+            return "err_ckpt", self.err_ckpt
+        return None
 
     @property
     def scored(self) -> bool:
-        """thr=/size= select by score; the others by a per-layer rule."""
-        return self.threshold is not None or self.size_mib is not None
+        """thr=/size=/err=/err_ckpt= select across layers by score (and report the threshold they reach);
+        the others by a per-layer rule."""
+        return self.threshold is not None or self.size_mib is not None or self.budget is not None
 
     @property
     def kohya_rule(self) -> Optional[tuple[str, float]]:
-        for name in ("sv_ratio", "sv_fro", "sv_cumulative"):
+        """The per-layer spectrum rule (kohya's three and KJNodes' sv_knee), as (name, value)."""
+        for name in _LAYER_RULES:
             value = getattr(self, name)
             if value is not None:
                 return name, value
@@ -90,7 +119,9 @@ class Recipe:
             parts.append(f"scale{format_float(self.rescale)}")
         if self.size_mib is not None:
             parts.append(f"size{format_float(self.size_mib)}")
-        for name in ("rank", "conv_rank", "sv_ratio", "sv_fro", "sv_cumulative"):
+        if self.budget is not None:
+            parts.append(f"{self.budget[0].replace('_', '')}{format_float(self.budget[1])}")
+        for name in ("rank", "conv_rank") + _LAYER_RULES + ("pad",):
             if getattr(self, name) is not None:
                 parts.append(f"{name.replace('_', '')}{format_float(getattr(self, name))}")
         if self.method != "svd":
@@ -145,7 +176,8 @@ def parse_number(value: str, kind: type, key: str, token: str, recipe: str) -> f
 
 _FIELDS = {"thr": "threshold", "size": "size_mib", "rescale": "rescale", "rank": "rank", "conv_rank": "conv_rank",
            "sv_ratio": "sv_ratio", "sv_fro": "sv_fro", "sv_cumulative": "sv_cumulative", "niter": "niter",
-           "sparse": "sparse", "seed": "seed"}
+           "sparse": "sparse", "seed": "seed", "err": "err_lora", "err_ckpt": "err_ckpt", "sv_knee": "sv_knee",
+           "pad": "pad"}
 
 
 def check_numbers(recipe: Recipe) -> None:
@@ -206,25 +238,29 @@ def parse_recipe(text: str) -> Recipe:
 
 def _validate(recipe: Recipe, raw_weights: dict[str, float], text: str) -> None:
     """Combinations of tokens (each number was range-checked when parsed)."""
-    selections = [k for k in ("threshold", "size_mib", "sv_ratio", "sv_fro", "sv_cumulative")
+    selections = [k for k in ("threshold", "size_mib", "err_lora", "err_ckpt") + _LAYER_RULES
                   if getattr(recipe, k) is not None]
     if len(selections) > 1:
-        names = {"threshold": "thr", "size_mib": "size"}
+        names = {"threshold": "thr", "size_mib": "size", "err_lora": "err"}
         chosen = ' and '.join(names.get(s, s) for s in selections)
         raise UsageError(f"recipe {text!r}: choose one selection, not {chosen}",
-                         fix="use thr=, size=, sv_ratio=, sv_fro= or sv_cumulative= (rank= may cap any of them)")
-    if not selections and recipe.rank is None and recipe.conv_rank is None:
+                         fix="use thr=, size=, err=, err_ckpt=, sv_ratio=, sv_fro=, sv_cumulative= or sv_knee= "
+                         "(rank= may cap any of them)")
+    if not selections and recipe.rank is None and recipe.conv_rank is None and recipe.pad is None:
         raise UsageError(f"recipe {text!r} has no selection",
-                         fix="add thr=-3.5, size=<MiB>, rank=<N> or sv_ratio=<R>")
+                         fix="add thr=-3.5, size=<MiB>, err=<percent>, rank=<N> or sv_ratio=<R>")
     total = sum(raw_weights.values())
-    if recipe.scored:
+    if recipe.threshold is not None or recipe.size_mib is not None:
         if not raw_weights or total == 0:
             raise UsageError(f"recipe {text!r}: thr=/size= need a scoring method with a non-zero weight",
                              fix="add e.g. fro_ckpt=1 (methods: " + ", ".join(SCORE_METHODS) + ")")
-        recipe.weights = {k: v / total for k, v in raw_weights.items() if v != 0}
-    elif raw_weights:
-        raise UsageError(f"recipe {text!r}: scoring methods only matter with thr= or size=",
-                         fix="remove " + ", ".join(raw_weights) + " or add thr=/size=")
+    elif raw_weights and recipe.budget is None:
+        raise UsageError(f"recipe {text!r}: scoring methods only matter with thr=, size=, err= or err_ckpt=",
+                         fix="remove " + ", ".join(raw_weights) + " or add thr=/size=/err=")
+    if raw_weights and total == 0:
+        raise UsageError(f"recipe {text!r}: every scoring weight is 0", fix="give one method a non-zero weight")
+    recipe.weights = {k: v / total for k, v in raw_weights.items() if v != 0}
+    _validate_pad(recipe, text)
     if recipe.method == "randproj" and (recipe.scored or recipe.kohya_rule):
         raise UsageError(f"recipe {text!r}: method=randproj reduces to a fixed rank",
                          fix="use rank=<N> (and conv_rank=) with method=randproj")
@@ -232,10 +268,25 @@ def _validate(recipe: Recipe, raw_weights: dict[str, float], text: str) -> None:
         raise UsageError(f"recipe {text!r}: sparse= only applies to method=randproj", fix="add method=randproj")
 
 
+def _validate_pad(recipe: Recipe, text: str) -> None:
+    """pad= comes after the selection: a cap above it could only be refused later, and a size= target
+    would be broken by the padding (the file's size is then fixed by pad= itself)."""
+    if recipe.pad is None:
+        return
+    if recipe.size_mib is not None:
+        raise UsageError(f"recipe {text!r}: pad= fixes every layer's rank, so the file's size no longer follows "
+                         "size=", fix=f"use rank={recipe.pad},pad={recipe.pad}, or err=/thr= with pad=")
+    for name in ("rank", "conv_rank"):
+        cap = getattr(recipe, name)
+        if cap is not None and cap > recipe.pad:
+            raise UsageError(f"recipe {text!r}: {name}={cap} lets layers keep more than pad={recipe.pad}",
+                             fix=f"write {name}={recipe.pad},pad={recipe.pad} (or a larger pad=)")
+
+
 def _output_identity(recipe: Recipe) -> Optional[object]:
     """What decides a recipe's output name before any work: its slug, with the threshold for thr=;
     for size= (whose threshold is found later) the recipe's numbers, since equal numbers give one name."""
-    if recipe.size_mib is not None:
+    if recipe.size_mib is not None or recipe.budget is not None:
         return repr(replace(recipe, text=""))
     return recipe.slug(recipe.threshold if recipe.scored else None)
 

@@ -21,6 +21,7 @@ from .delta import delta_weight, dora_weight_norm, effective_down
 from .errors import LoraError
 from .formats.writer import checked_cast, encoded_size
 from .model import Layer, LoraFile
+from .pad import pad_result
 from .recipe import Recipe, check_numbers
 from .select import References, Selection, score, select
 
@@ -123,7 +124,7 @@ def reference_table(items: Sequence[Decomposed], recipes: Sequence[Recipe], base
                     progress: Optional[Callable[[int, int], None]] = None,
                     architecture: Optional[str] = None, label: Optional[str] = None) -> dict[str, References]:
     """Base-checkpoint references each recipe needs, computed once for all recipes."""
-    needed = set().union(*(r.weights for r in recipes)) if recipes else set()
+    needed = set().union(*(r.base_references for r in recipes)) if recipes else set()
     if not needed & {"spn_ckpt", "fro_ckpt", "subspace"}:
         return {}
     if base is None:
@@ -210,7 +211,7 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
     if recipe.method == "randproj":
         result = _random_projection(items, recipe, template)
         result.notes[:0] = notes
-        return result
+        return pad_result(result, recipe.pad)
     bytes_per_element = torch.empty(0, dtype=dtype or torch.float16).element_size()
 
     def measure(masks: Mapping[str, torch.Tensor]) -> int:
@@ -243,7 +244,7 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
     if recipe.scored and items:
         result.scores = torch.cat([score(item, recipe, refs.get(item.key)) for item in items])
     _check_error(result)
-    return result
+    return pad_result(result, recipe.pad)
 
 
 def _check_error(result: ResizeResult) -> None:

@@ -7,7 +7,9 @@ from ..core.errors import LoraError
 from ..core.recipe import SCORE_METHODS, parse_recipe
 from .lora_type import CATEGORY, RECIPE_TYPE
 
-_SELECTIONS = ["thr", "size", "rank", "sv_ratio", "sv_fro", "sv_cumulative"]
+# appended, never reordered: saved workflows store the chosen name
+_SELECTIONS = ["thr", "size", "rank", "sv_ratio", "sv_fro", "sv_cumulative", "err", "err_ckpt", "sv_knee"]
+_SCORED = ("thr", "size", "err", "err_ckpt")
 
 
 def _weight(tooltip: str, default: float = 0.0):
@@ -31,7 +33,10 @@ class ScoreRecipe:
             "subspace": _weight("Weight of the comparison with how much the base acts along each direction."),
             "params": _weight("Weight of the parameters-per-rank penalty (favours cheap layers under size=)."),
             "selection": (_SELECTIONS, {"tooltip": "thr: log10 score threshold; size: target MiB; rank: fixed "
-                                                   "rank; sv_*: kohya's dynamic rules."}),
+                                                   "rank; sv_*: kohya's dynamic rules; err: the fewest values "
+                                                   "whose whole-LoRA error is at most value %; err_ckpt: the "
+                                                   "same against the base's norm; sv_knee: the elbow of each "
+                                                   "layer's spectrum (KJNodes)."}),
             "value": ("FLOAT", {"default": -3.5, "min": -100.0, "max": 100000.0, "step": 0.01,
                                 "tooltip": "The threshold, size in MiB, rank, or sv_* parameter."}),
             "rescale": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.01,
@@ -49,10 +54,13 @@ class ScoreRecipe:
             "niter": ("INT", {"default": 2, "min": 0, "max": 100,
                               "tooltip": "Power iterations of the randomized SVD (reducer rsvd): more is "
                                          "closer to the exact SVD and slower."}),
+            "pad": ("INT", {"default": 0, "min": 0, "max": 65536,
+                            "tooltip": "Zero-pad every layer to this rank afterwards (0: off), so a set of "
+                                       "LoRAs shares one rank for hot-swapping; ΔW is unchanged."}),
         }}
 
     def build(self, fro_ckpt, spn_ckpt, spn_lora, fro_lora, subspace, params, selection, value, rescale, reducer,
-              seed, raw_recipe="", niter=2):
+              seed, raw_recipe="", niter=2, pad=0):
         if not raw_recipe.strip():
             _check_widgets(locals())
         text = raw_recipe.strip() or self.compose(locals())
@@ -62,7 +70,7 @@ class ScoreRecipe:
     @staticmethod
     def compose(values: dict) -> str:
         tokens = []
-        if values["selection"] in ("thr", "size"):
+        if values["selection"] in _SCORED:
             tokens += [f"{m}={values[m]:g}" for m in SCORE_METHODS if values[m]]
         number = int(values["value"]) if values["selection"] == "rank" else values["value"]
         tokens.append(f"{values['selection']}={number:g}")
@@ -74,6 +82,8 @@ class ScoreRecipe:
                 tokens.append(f"seed={values['seed']}")
             if values["reducer"] == "rsvd":
                 tokens.append(f"niter={int(values.get('niter', 2))}")
+        if int(values.get("pad", 0) or 0) > 0:
+            tokens.append(f"pad={int(values['pad'])}")
         return ",".join(tokens)
 
 
@@ -87,5 +97,7 @@ def _check_widgets(values: dict) -> None:
         if not isinstance(number, (int, float)) or not math.isfinite(number):
             raise LoraError(f"recipe widget {name} is {number!r}, not a finite number",
                             fix=f"set {name} to a finite number")
+    if not 0 <= int(values.get("pad", 0) or 0) <= 65536:
+        raise LoraError(f"recipe widget pad is {values['pad']!r}", fix="use 0 (off) to 65536")
     if not 0 <= int(values.get("niter", 2)) <= 100:
         raise LoraError(f"recipe widget niter is {values['niter']!r}", fix="use 0 to 100 power iterations")

@@ -379,7 +379,8 @@ def test_saved_ui_workflows_keep_their_recipe_widgets_and_get_the_niter_default(
     node = pack.NODE_CLASS_MAPPINGS["LoraResize_ScoreRecipe"]
     spec = node.INPUT_TYPES()
     widgets = [*spec["required"], *spec["optional"]]
-    assert widgets[-1] == "niter" and spec["optional"]["niter"][1]["default"] == 2
+    assert widgets[-2:] == ["niter", "pad"] and spec["optional"]["niter"][1]["default"] == 2
+    assert spec["optional"]["pad"][1]["default"] == 0  # off: an API twin without it means the same recipe
     folder = os.path.join(ROOT, "example_workflows")
     checked = 0
     for name in sorted(os.listdir(folder)):
@@ -389,9 +390,33 @@ def test_saved_ui_workflows_keep_their_recipe_widgets_and_get_the_niter_default(
         twin = json.load(open(os.path.join(folder, name.replace(".json", "_api.json"))))
         for saved in (n for n in graph["nodes"] if n["type"] == "LoraResize_ScoreRecipe"):
             values = dict(zip(widgets, saved["widgets_values"]))
-            assert "niter" not in values  # saved before the widget existed
+            assert "niter" not in values and "pad" not in values  # saved before the widgets existed
             values["niter"] = 2  # what the frontend fills in: the widget's default
             assert values == twin[str(saved["id"])]["inputs"], name
             assert node().build(**values)[0].text  # and it still builds its recipe
             checked += 1
     assert checked >= 5
+
+
+def test_the_recipe_node_offers_error_budgets_knee_and_pad(comfy_hosts, pack, folders):
+    """err= keeps the fewest values within the budget (the node's report says the error), pad= gives one rank."""
+    loras_dir, _ = folders
+    nodes = pack.NODE_CLASS_MAPPINGS
+    build = nodes["LoraResize_ScoreRecipe"]().build
+    recipe, text = build(1.0, 0, 0, 0, 0, 0, "err", 5, 1.0, "svd", 0)
+    assert text == "fro_ckpt=1,err=5" and recipe.budget == ("err", 5.0)
+    assert build(0, 0, 0, 0, 0, 0, "sv_knee", 1, 1.0, "svd", 0)[1] == "sv_knee=1"
+    padded, text = build(0, 0, 0, 0, 0, 0, "err", 20, 1.0, "svd", 0, pad=8)
+    assert text == "err=20,pad=8"
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load(_copy_fixture(loras_dir))
+    output = nodes["LoraResize_ResizeLoRA"]().resize(lora, padded)
+    result = output["result"][0]
+    assert {layer.rank for layer in result.lora} == {8}
+    plain = nodes["LoraResize_ResizeLoRA"]().resize(lora, build(0, 0, 0, 0, 0, 0, "err", 20, 1.0, "svd", 0)[0])
+    kept = {layer.name: layer for layer in plain["result"][0].lora}
+    assert len(kept) == len(result.lora.layers)
+    assert sum(layer.rank for layer in kept.values()) < 8 * len(kept)
+    from core.delta import delta_weight
+    for layer in result.lora:
+        reference = delta_weight(kept[layer.name]).double()
+        assert float((delta_weight(layer).double() - reference).norm() / reference.norm()) <= 1e-6
