@@ -12,6 +12,7 @@ the recipe node's rsvd and niter reach the decomposition; NaN/Inf widgets and me
 refused by name; saved UI workflows keep their widgets after the new niter widget.
 """
 import importlib.util
+import math
 import os
 import sys
 
@@ -391,7 +392,7 @@ def test_saved_ui_workflows_keep_their_recipe_widgets_and_get_the_niter_default(
         for saved in (n for n in graph["nodes"] if n["type"] == "LoraResize_ScoreRecipe"):
             values = dict(zip(widgets, saved["widgets_values"]))
             assert "niter" not in values and "pad" not in values  # saved before the widgets existed
-            values["niter"] = 2  # what the frontend fills in: the widget's default
+            values.update(niter=2, pad=0)  # what the frontend fills in: the widgets' defaults
             assert values == twin[str(saved["id"])]["inputs"], name
             assert node().build(**values)[0].text  # and it still builds its recipe
             checked += 1
@@ -420,3 +421,55 @@ def test_the_recipe_node_offers_error_budgets_knee_and_pad(comfy_hosts, pack, fo
     for layer in result.lora:
         reference = delta_weight(kept[layer.name]).double()
         assert float((delta_weight(layer).double() - reference).norm() / reference.norm()) <= 1e-6
+
+
+def test_sweep_targets_parse_and_bad_ones_are_refused_by_name(comfy_hosts, pack):
+    sweep = pack.nodes.sweep
+    parsed = sweep.parse_targets("keep, 0.5MiB; 2%\nrank=4, err=7, sv_knee=1", "fro_ckpt=1")
+    assert [(token, recipe.text) for token, recipe in parsed] == [
+        ("keep", "err=0"), ("0.5MiB", "fro_ckpt=1,size=0.5"), ("2%", "fro_ckpt=1,err=2"), ("rank=4", "rank=4"),
+        ("err=7", "fro_ckpt=1,err=7"), ("sv_knee=1", "sv_knee=1")]
+    for bad, words in (("", "no targets"), ("5%, 5%", "repeat: 5%"), ("150%", "'150%'"), ("big", "'big'")):
+        with pytest.raises(Exception, match=words) as info:
+            sweep.parse_targets(bad, "fro_ckpt=1")
+        assert type(info.value).__name__ == "LoraError"
+
+
+def test_sweep_decomposes_once_and_gives_one_lora_per_target(comfy_hosts, pack, folders, monkeypatch):
+    loras_dir, _ = folders
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load(_copy_fixture(loras_dir))
+    calls = []
+    real = pack.nodes.lora_type.decompose
+    monkeypatch.setattr(pack.nodes.lora_type, "decompose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    output = nodes["LoraResize_ResizeLoRASweep"]().sweep(lora, "keep, 5%, 30%, rank=1", "spn_lora=1")
+    loras, labels, report = output["result"]
+    assert len(calls) == 1 and len(loras) == len(labels) == 4
+    ranks = [sum(layer.rank for layer in resized.lora) for resized in loras]
+    assert ranks[0] == sum(layer.rank for layer in lora.lora) and ranks[0] > ranks[1] > ranks[2] >= ranks[3]
+    assert ranks[3] == len(loras[3].lora.layers)  # rank=1: one value per layer
+    errors = [row["error"] for row in output["ui"]["lora_resize_sweep"]]
+    assert errors[0] < 1e-6 and errors[1] <= 0.05 + 1e-9 and errors[2] <= 0.30 + 1e-9
+    assert labels[1].startswith("5%: ") and "MiB" in labels[1] and report.count("recipe ") == 4
+
+
+def test_compare_images_scores_and_draws_a_labelled_grid(comfy_hosts, pack):
+    compare = pack.NODE_CLASS_MAPPINGS["LoraResize_CompareImages"]()
+    g = torch.Generator().manual_seed(3)
+    original = torch.rand(1, 48, 40, 3, generator=g)
+    near = (original + 0.01 * torch.randn(original.shape, generator=g)).clamp(0, 1)
+    far = torch.rand(1, 48, 40, 3, generator=g)
+    out = compare.compare([original], [original, near, far], ["keep: 1 MiB", "a: 0.5 MiB", "b: 0.1 MiB"], [2])
+    grid, report, ssim, psnr = out["result"]
+    assert ssim[0] == pytest.approx(1.0, abs=1e-6) and psnr[0] == 100.0
+    assert 0.9 < ssim[1] < 1.0 and ssim[2] < 0.2 and psnr[1] > 35 > psnr[2]
+    mse = float((near - original).double().pow(2).mean())
+    assert psnr[1] == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3 and grid.shape[1] >= 2 * 48 and grid.shape[2] >= 2 * 40
+    # the original is the first tile, unchanged but for 8-bit rounding (the grid is drawn as an 8-bit picture)
+    assert float((grid[0, :48, :40] - original[0]).abs().max()) <= 0.5 / 255 + 1e-6
+    assert "b: 0.1 MiB: SSIM" in report
+    with pytest.raises(Exception, match="2 labels for 3 images"):
+        compare.compare([original], [original, near, far], ["x", "y"])
+    with pytest.raises(Exception, match=r"\(1, 8, 8, 3\)"):
+        compare.compare([original], [torch.zeros(1, 8, 8, 3)])

@@ -148,3 +148,37 @@ def test_a_lora_of_another_architecture_than_the_model_is_an_executionerror_of(s
     assert sorted(p.name for p in server["loras"].rglob("*.safetensors")) == before
     entry = run_prompt(server, on_tiny_sdxl(workflow("resize_with_base_api.json")))
     assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def test_sweep_samples_every_target_and_compare_measures_them(server):
+    """"Find the smallest that looks the same" on the tiny SDXL (decoding by a test-only latent-to-RGB map: the
+    tiny model has no VAE): one image per target reaches Compare Images; the keep-all target is the original's
+    image (SSIM ≥ 0.999) and the smallest target's SSIM is below the largest's."""
+    prompt = on_tiny_sdxl(workflow("find_smallest_same_api.json"))
+    sweep = next(k for k, v in prompt.items() if v["class_type"] == "LoraResize_ResizeLoRASweep")
+    compare = next(k for k, v in prompt.items() if v["class_type"] == "LoraResize_CompareImages")
+    prompt[sweep]["inputs"]["targets"] = "keep, 10%, 60%, rank=1"
+    for node in prompt.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 3
+        if node["class_type"] == "VAEDecode":
+            node["class_type"] = "LoraResizeTest_LatentToImage"
+    entry = run_prompt(server, prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    targets = entry["outputs"][sweep]["lora_resize_sweep"]
+    table = entry["outputs"][compare]["lora_resize_compare"]
+    assert [t["target"] for t in targets] == ["keep", "10%", "60%", "rank=1"]
+    assert len(table) == 4 and [row["label"].split(":")[0] for row in table] == ["keep", "10%", "60%", "rank=1"]
+    keep, *_ = table
+    assert targets[0]["error"] < 1e-6 and keep["ssim"] >= 0.999
+    assert targets[1]["error"] <= 0.10 + 1e-9 and targets[2]["error"] <= 0.60 + 1e-9
+    smallest = min(range(4), key=lambda i: targets[i]["mib"])
+    largest = max(range(4), key=lambda i: targets[i]["mib"])
+    assert targets[smallest]["mib"] < targets[largest]["mib"]
+    print("sweep:", [(t["target"], round(t["mib"], 4), round(t["error"], 4)) for t in targets],
+          "ssim:", [round(row["ssim"], 4) for row in table])
+    assert table[smallest]["ssim"] < table[largest]["ssim"], table
+    (grid,) = entry["outputs"][next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage")]["images"]
+    assert grid["filename"].endswith(".png")

@@ -50,4 +50,22 @@ class TinyConditioning:
         return ([[cond, {"pooled_output": pooled}]],)
 
 
-NODE_CLASS_MAPPINGS = {"LoraResizeTest_TinySDXL": TinySDXL, "LoraResizeTest_TinyConditioning": TinyConditioning}
+class LatentToImage:
+    """VAEDecode's stand-in (the tiny SDXL has no VAE): a fixed, deterministic map of the latent's first three
+    channels to RGB, 8x upsampled as a VAE would, so images differ exactly where the samples do."""
+    CATEGORY = "testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}, "optional": {"vae": ("VAE",)}}
+
+    def decode(self, samples, vae=None):
+        latent = samples["samples"].float()[:, :3]
+        image = torch.sigmoid(latent).repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+        return (image.permute(0, 2, 3, 1).contiguous(),)
+
+
+NODE_CLASS_MAPPINGS = {"LoraResizeTest_TinySDXL": TinySDXL, "LoraResizeTest_TinyConditioning": TinyConditioning,
+                       "LoraResizeTest_LatentToImage": LatentToImage}
