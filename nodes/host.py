@@ -5,16 +5,17 @@ Everything that touches ComfyUI's modules lives here, so node files stay declara
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
-import comfy.lora
 import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
 
 from ..core.base import StateDictBase
+from ..core.model import Layer
 from ..core.norms_cache import NormCache
+from .host_base import HostBase, HostWeights, host_key_map, placed_layers
 from .save_path import resolve_prefix
 
 
@@ -72,7 +73,10 @@ def _fingerprint(weights: dict[str, torch.Tensor]) -> str:
 
 
 def base_from_host(model=None, clip=None) -> Optional[StateDictBase]:
-    """Base weights from the MODEL/CLIP the graph already loaded, keyed by canonical layer name."""
+    """Every weight of the MODEL/CLIP the graph already loaded, keyed by model key (no ``.weight``), as stored.
+
+    A whole-model view for comparing with a checkpoint file; ResizeLoRA uses :func:`host_base`, which
+    places layers by the host's key maps and dequantizes one weight at a time."""
     weights: dict[str, torch.Tensor] = {}
     if model is not None:
         weights.update(_original_weights(model, "diffusion_model."))
@@ -102,15 +106,32 @@ def host_architecture(model) -> Optional[str]:
     return None
 
 
-def host_key_map(model=None, clip=None) -> dict[str, str]:
-    """ComfyUI's own LoRA key map: LoRA key prefix -> model key (without .weight)."""
-    key_map: dict = {}
-    if model is not None:
-        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
-    if clip is not None:
-        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    return {k: (v if isinstance(v, str) else v[0])[: -len(".weight")] for k, v in key_map.items()
-            if (v if isinstance(v, str) else v[0]).endswith(".weight")}
+def host_base(model=None, clip=None, layers: Sequence[Layer] = ()
+              ) -> tuple[Optional[HostBase], dict[str, Layer], list[Layer]]:
+    """The connected MODEL/CLIP as the base ComfyUI's own key maps decide (nodes/host_base.py), with each
+    LoRA layer placed: (base, layer key -> layer as scored, layers the host places nowhere)."""
+    sources = [HostWeights(p, n) for p, n in ((model, "MODEL"), (getattr(clip, "patcher", None), "CLIP"))
+               if p is not None]
+    if not sources:
+        return None, {}, list(layers)
+    base = HostBase(sources, host_key_map(model, clip), "the loaded MODEL/CLIP", host_architecture(model))
+    placed, missing = placed_layers(base, list(layers))
+    return base, placed, missing
+
+
+# fp32 slices one norm worker holds at once, times the workers on a GPU (core/norms.py) and an SVD's workspace
+_SLICES_IN_FLIGHT = 4
+
+
+def scoring_device(model, base: Optional[HostBase]) -> torch.device:
+    """Where base norms are computed: the model's GPU when the largest fp32 base slice fits, a few times over,
+    in the VRAM ComfyUI leaves free; else the CPU. Weights go there one layer at a time, never the whole model
+    (which stays where ComfyUI keeps it: loaded, or offloaded)."""
+    device = compute_device(model)
+    if base is None or device.type == "cpu":
+        return device
+    needed = _SLICES_IN_FLIGHT * 4 * base.largest_slice()
+    return device if comfy.model_management.get_free_memory(device) >= needed else torch.device("cpu")
 
 
 def norms_cache_dir() -> str:
