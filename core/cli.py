@@ -1,4 +1,4 @@
-"""Command line: `lora-resize inspect|convert|resize ...`.
+"""Command line: `lora-resize inspect|convert|resize|batch ...`.
 
 A first argument that is not a subcommand means `resize`, so the seed tool's call shape
 `lora-resize CHECKPOINT LORA... -o DIR -r RECIPES` works unchanged.
@@ -19,6 +19,7 @@ import sys
 import traceback
 from typing import Callable, Optional, Sequence
 
+from .batch import add_batch_parser
 from .errors import LoraError, UsageError
 from .resize_cli import add_resize_parser
 
@@ -75,7 +76,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     from .naming import ARCHITECTURES
 
     parser.add_argument("--arch", choices=tuple(ARCHITECTURES), default=None,
-                        help="architecture, when detection from key names is not enough")
+                        help="model family, when detection from key names and widths is not enough: "
+                        + ", ".join(ARCHITECTURES))
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v summary, -vv one line per layer")
 
 
@@ -100,6 +102,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     handlers["convert"] = cmd_convert
 
     add_resize_parser(sub, handlers, _add_common)
+    add_batch_parser(sub, handlers, _add_common)
     return parser, handlers
 
 
