@@ -1,0 +1,207 @@
+"""The seed tool's evaluation, done: how much each selection method changes a LoRA at matched file sizes.
+
+    python bench/evaluate.py BASE LORA [--thresholds -1.0 -1.2 -1.5] [--out bench/evaluation_sdxl.json]
+    python bench/plot_evaluation.py bench/evaluation_sdxl.json docs/evaluation_sdxl.png
+
+The seed's README procedure ("TBD" there): compress with ``spn_ckpt=1,thr=T`` and note the size S; compress
+with ``spn_lora=1,size=S`` and note its threshold t; compare with kohya's ``sv_ratio`` at 10^-t. Here every
+method is matched to each S (three thresholds T give three sizes): the scored methods by ``size=S``, kohya's
+``sv_fro`` by bisection on its fraction, a uniform ``rank=N`` (and ``method=rsvd`` / ``method=randproj`` with
+three seeds) at the largest N that fits, and kohya's sv_ratio rule at 10^-t: this pack's ``sv_ratio=`` and,
+when ``KOHYA_SD_SCRIPTS`` (and optionally ``KOHYA_PYTHON``) point at sd-scripts, kohya's own
+``networks/resize_lora.py`` on the same file.
+
+Errors are exact and computed without forming ΔW: for ΔW = U·diag(S)·Vh (the decomposition) and a rebuilt
+ΔW' = s·B'·A', ‖ΔW − ΔW'‖² = ‖S‖² + s²·tr((B'ᵀB')(A'A'ᵀ)) − 2s·Σᵢⱼ Sᵢ (UᵀB')ᵢⱼ (VhA'ᵀ)ᵢⱼ, in fp64.
+Reported: the LoRA-relative error √(Σ‖ΔW − ΔW'‖² / Σ‖ΔW‖²), the base-relative error Σ‖ΔW − ΔW'‖ / Σ‖W‖ (the
+issue's form: sums of per-layer norms) and √(Σ‖ΔW − ΔW'‖² / Σ‖W‖²) (what ``err_ckpt=`` budgets).
+Sizes are the fp16 file each result writes (``encoded_size``: header and metadata counted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from core.base import open_base  # noqa: E402
+from core.decompose import decompose  # noqa: E402
+from core.delta import effective_down  # noqa: E402
+from core.formats import read_lora  # noqa: E402
+from core.formats.writer import encoded_size  # noqa: E402
+from core.norms_cache import NormCache  # noqa: E402
+from core.recipe import parse_recipe  # noqa: E402
+from core.resize import apply_recipe, reference_table  # noqa: E402
+
+MIB = 1 << 20
+
+
+def factored_errors(items, lora) -> dict[str, float]:
+    """Per layer key: ‖ΔW − ΔW'‖² of the rebuilt LoRA ``lora`` against the decomposed source, in fp64."""
+    errors = {}
+    for item in items:
+        S = item.S.double()
+        total = float(S.pow(2).sum())
+        layer = lora.layers.get(item.key)
+        if layer is None:
+            errors[item.key] = total
+            continue
+        U, Vh = item.left().double(), item.right().double()
+        B = layer.factors["up"].double().flatten(1)
+        A = effective_down(layer).double()
+        s = float(layer.scale)
+        own = float(((B.T @ B) * (A @ A.T)).sum()) * s * s
+        cross = float((S[:, None] * (U.T @ B) * (Vh @ A.T)).sum()) * s
+        errors[item.key] = max(total + own - 2 * cross, 0.0)
+    return errors
+
+
+class Evaluation:
+    """One LoRA against one base: decomposed once, base norms once, every recipe measured the same way."""
+
+    def __init__(self, base_path: str, lora_path: str):
+        self.lora = read_lora(lora_path)
+        self.lora_path = lora_path
+        self.base = open_base(base_path)
+        started = time.perf_counter()
+        self.items = decompose(self.lora)
+        cache = NormCache.for_checkpoint(base_path)
+        needs = [parse_recipe("spn_ckpt=1,fro_ckpt=1,subspace=1,thr=0")]
+        self.refs = reference_table(self.items, needs, self.base, cache=cache, architecture=self.lora.architecture,
+                                    label=base_path)
+        cache.save()
+        self.setup_seconds = time.perf_counter() - started
+        self.energy = {item.key: float(item.S.double().pow(2).sum()) for item in self.items}
+        self.base_fro = {item.key: float(self.refs[item.key].frobenius) for item in self.items}
+        self.original_size = os.path.getsize(lora_path)
+        self.original_rank = sum(item.layer.rank for item in self.items)
+
+    def run(self, text: str) -> dict:
+        recipe = parse_recipe(text)
+        refs = self.refs if recipe.needs_base else {}
+        result = apply_recipe(self.items, recipe, refs, template=self.lora, dtype=torch.float16)
+        return self.measure(text, result.lora, result.threshold)
+
+    def measure(self, text: str, lora, threshold=None, size: int | None = None) -> dict:
+        errors = factored_errors(self.items, lora)
+        dropped = sum(errors.values())
+        if size is None:
+            size = encoded_size(lora, dtype=torch.float16) if lora.layers else 0
+        return {"recipe": text, "mib": size / MIB,
+                "rank": sum(layer.rank for layer in lora), "threshold": threshold,
+                "rle_lora": math.sqrt(dropped / sum(self.energy.values())),
+                "rle_ckpt_sum": sum(math.sqrt(e) for e in errors.values()) / sum(self.base_fro.values()),
+                "rle_ckpt_rss": math.sqrt(dropped / sum(f * f for f in self.base_fro.values()))}
+
+    def largest_fitting(self, make, low: float, high: float, target_mib: float, integer: bool, steps: int = 14):
+        """The parameter in [low, high] of ``make`` (monotone in size) whose size is the largest ≤ target."""
+        best = None
+        for _ in range(steps if not integer else 64):
+            if integer and high - low <= 1:
+                break
+            mid = (low + high) // 2 if integer else (low + high) / 2
+            row = self.run(make(mid))
+            if row["mib"] <= target_mib:
+                best, low = row, mid
+            else:
+                high = mid
+        if integer and best is None:
+            best = self.run(make(low))
+        return best or self.run(make(low))
+
+
+def kohya_row(evaluation: Evaluation, ratio: float) -> dict | None:
+    """kohya sd-scripts' own resize_lora.py --dynamic_method sv_ratio at ``ratio`` on the same file."""
+    scripts = os.environ.get("KOHYA_SD_SCRIPTS")
+    if not scripts:
+        return None
+    python = os.environ.get("KOHYA_PYTHON", sys.executable)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "kohya.safetensors")
+        max_rank = max(item.layer.rank for item in evaluation.items)
+        cmd = [python, "networks/resize_lora.py", "--model", evaluation.lora_path, "--save_to", out,
+               "--new_rank", str(max_rank), "--dynamic_method", "sv_ratio", "--dynamic_param", repr(ratio),
+               "--save_precision", "fp16", "--device", "cpu"]
+        started = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": scripts}  # its `library` package, as `pip install -e .` would give
+        done = subprocess.run(cmd, cwd=scripts, capture_output=True, text=True, env=env,
+                              timeout=int(os.environ.get("KOHYA_TIMEOUT", "3600")))
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            return {"recipe": f"kohya sv_ratio={ratio:.4g}", "error": f"exit {done.returncode}"}
+        resized = read_lora(out)
+        layers = {}
+        for item in evaluation.items:  # kohya keeps its key names: match by the canonical layer name
+            layers.update({item.key: layer for layer in resized if layer.name == item.layer.name})
+        resized.layers = layers
+        row = evaluation.measure(f"kohya sv_ratio={ratio:.4g}", resized, size=os.path.getsize(out))
+        row["seconds"] = time.perf_counter() - started
+        return row
+
+
+def evaluate(evaluation: Evaluation, thresholds: list[float], seeds: int = 3) -> list[dict]:
+    rows = []
+    for thr in thresholds:
+        anchor = evaluation.run(f"spn_ckpt=1,thr={thr:g}")
+        target = anchor["mib"]
+        group = {"size_mib": target, "anchor": anchor["recipe"], "rows": [anchor]}
+        seed_step = evaluation.run(f"spn_lora=1,size={target:.6g}")
+        group["rows"].append(seed_step)
+        for method in ("fro_ckpt=1", "subspace=1", "fro_ckpt=1,params=0.25"):
+            group["rows"].append(evaluation.run(f"{method},size={target:.6g}"))
+        group["rows"].append(evaluation.largest_fitting(lambda f: f"sv_fro={f:.6f}", 0.05, 0.999999, target, False))
+        top = max(item.layer.rank for item in evaluation.items)
+        rank_row = evaluation.largest_fitting(lambda n: f"rank={int(n)}", 1, top + 1, target, True)
+        group["rows"].append(rank_row)
+        rank = int(rank_row["recipe"].split("=")[1])
+        group["rows"].append(evaluation.run(f"rank={rank},method=rsvd"))
+        for seed in range(seeds):
+            group["rows"].append(evaluation.run(f"rank={rank},method=randproj,seed={seed}"))
+        ratio = 10 ** -seed_step["threshold"]
+        group["kohya_ratio"] = ratio
+        group["rows"].append(evaluation.run(f"sv_ratio={ratio:.6g}"))
+        kohya = kohya_row(evaluation, ratio)
+        if kohya is not None:
+            group["rows"].append(kohya)
+        for row in group["rows"]:
+            print(f"  {row['recipe']:<38} {row.get('mib', float('nan')):8.2f} MiB  rank {row.get('rank', 0):6d}  "
+                  f"lora {100 * row.get('rle_lora', float('nan')):6.2f}%  ckpt {100 * row.get('rle_ckpt_sum', 0):.4f}%",
+                  flush=True)
+        rows.append(group)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base")
+    parser.add_argument("lora")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[-1.0, -1.2, -1.5])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "evaluation.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    evaluation = Evaluation(args.base, args.lora)
+    print(f"{args.lora}: {evaluation.original_size / MIB:.1f} MiB, total rank {evaluation.original_rank}, "
+          f"{len(evaluation.items)} layers; decomposition and base norms {evaluation.setup_seconds:.1f} s", flush=True)
+    groups = evaluate(evaluation, args.thresholds, args.seeds)
+    report = {"lora": os.path.basename(args.lora), "base": os.path.basename(args.base),
+              "original_mib": evaluation.original_size / MIB, "original_rank": evaluation.original_rank,
+              "layers": len(evaluation.items), "command": " ".join(["python", "bench/evaluate.py", *sys.argv[1:]]),
+              "torch": torch.__version__, "groups": groups}
+    with open(args.out, "w") as fh:
+        json.dump(report, fh, indent=1)
+        fh.write("\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
