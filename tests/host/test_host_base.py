@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -349,7 +350,11 @@ def test_a_base_aware_resize_keeps_the_ranks_the_hosts_weights_decide(comfy_host
     lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load("family.safetensors")
     recipe, text = nodes["LoraResize_ScoreRecipe"]().build(0, 0, 0, 0, 0, 0, "thr", 0, 1.0, "svd", 0,
                                                            raw_recipe=f"fro_ckpt=1,thr={threshold}")
+    import comfy.model_management
+
+    loaded = list(comfy.model_management.current_loaded_models)
     resized, report = nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe, model=host.model)["result"]
+    assert comfy.model_management.current_loaded_models == loaded  # read where it lies: never loaded for this
     saved = nodes["LoraResize_SaveLoRA"]().save(resized, "resized/family", "kohya", "fp32")["result"][0]
 
     load = host_load(host, saved)
@@ -415,3 +420,55 @@ def test_a_patched_model_still_scores_against_its_unpatched_weights(comfy_hosts,
         assert after.fingerprint == clean.fingerprint
     finally:
         comfy.model_management.unload_all_models()
+
+
+def test_base_norms_go_to_the_gpu_only_when_the_largest_slice_fits_in_its_free_memory(comfy_hosts, pack,
+                                                                                       monkeypatch):
+    """The rule of nodes/host.py scoring_device, with the host's free-VRAM answer set (these tests run --cpu):
+    the model's GPU when four fp32 copies of the largest base slice fit, else the CPU; the weights stay put."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    host = FAMILY_BUILDERS["hidream"]()
+    layers = _layers(pack, convention("hidream", "comfy").write(host, 0))
+    gpu = torch.device("cuda", 0)
+    on_gpu = comfy.model_patcher.ModelPatcher(host.model.model, load_device=gpu, offload_device=torch.device("cpu"))
+    host_module = _module(pack, "nodes.host")
+    base, placed, _ = host_module.host_base(on_gpu, None, layers)
+    largest = max(math.prod(base.shape(layer.name, layer.offset)) for layer in placed.values())
+    assert base.largest_slice() == largest
+    asked = []
+    for free, want in ((16 * largest, gpu), (16 * largest - 1, torch.device("cpu"))):
+        monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                            lambda device=None, torch_free_too=False, free=free: asked.append(device) or free)
+        assert host_module.scoring_device(on_gpu, base) == want
+    assert asked == [gpu, gpu]
+    assert {t.device.type for t in host.model.model.state_dict().values()} == {"cpu"}
+
+
+def test_dora_magnitudes_are_refitted_on_the_weights_the_host_places(comfy_hosts, pack, folders):
+    """A DoRA LoRA of a family no table knows: each rebuilt layer's magnitude is refitted against the host's weight
+    for that layer (ResizeLoRA hands the engine the same base under the LoRA's own layer names)."""
+    loras_dir, _ = folders
+    host = FAMILY_BUILDERS["wan21_t2v"]()
+    state = convention("wan21_t2v", "musubi").write(host, 0)
+    weights = host_state(host)
+    delta_weight = _module(pack, "core.delta").delta_weight
+    g = torch.Generator().manual_seed(5)
+    for layer in _layers(pack, state):  # magnitudes near ‖W + ΔW‖ per output row, as a trained DoRA has them
+        weight = weights[host.key_map[layer.source_key]]
+        row_norms = (weight + delta_weight(layer).float()).norm(dim=1, keepdim=True)
+        state[layer.source_key + ".dora_scale"] = (row_norms * (1 + 0.1 * torch.rand(row_norms.shape, generator=g)))
+    save_file(state, str(loras_dir / "dora.safetensors"))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load("dora.safetensors")
+    assert all(layer.dora_scale is not None for layer in lora.lora)
+    recipe, _ = nodes["LoraResize_ScoreRecipe"]().build(0, 0, 0, 0, 0, 0, "rank", 2, 1.0, "svd", 0)
+    resized, report = nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe, model=host.model)["result"]
+    assert "20 DoRA layers: magnitudes refitted to the resized directions on the base" in report
+    refit_dora = _module(pack, "core.resize").refit_dora
+    for key, layer in resized.lora.layers.items():
+        source = lora.lora.layers[key]
+        want = refit_dora(source, layer, weights[host.key_map[source.source_key]])
+        assert torch.allclose(layer.dora_scale, want, rtol=1e-5, atol=0), key
+        assert not torch.allclose(layer.dora_scale, source.dora_scale, rtol=1e-3)  # really refitted
