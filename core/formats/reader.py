@@ -49,7 +49,7 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
     if not tensors:
         raise LoraError("the file holds no tensors", file=label, fix="this is not a LoRA; pick another file")
     groups, unknown = group_keys(tensors, label)
-    architecture = arch or naming.detect_architecture(groups.keys(), metadata)
+    architecture = arch or naming.detect_architecture(groups.keys(), metadata, _widths(groups))
     peft_alphas = _PeftAlphas(metadata, label)
     layers: dict[str, Layer] = {}
     passthrough: dict[str, torch.Tensor] = {}
@@ -77,6 +77,17 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
 
 
 Roles = dict[str, tuple[Optional[str], torch.Tensor, str]]  # role -> (kind, tensor, suffix as stored)
+
+
+def _widths(groups: Mapping[str, Roles]) -> dict[str, tuple[int, int]]:
+    """(out rows, in columns) of each plain LoRA group, from its factors' shapes: detection tells families
+    that share names (Flux, SD3, Qwen-Image diffusers blocks) apart by width."""
+    out = {}
+    for prefix, roles in groups.items():
+        up, down = roles.get("up"), roles.get("down")
+        if up is not None and down is not None and up[1].dim() >= 1 and down[1].dim() >= 2:
+            out[prefix] = (int(up[1].shape[0]), int(math.prod(down[1].shape[1:])))
+    return out
 
 
 def group_keys(tensors: Mapping[str, torch.Tensor], label: str) -> tuple[dict[str, Roles], list[str]]:
@@ -212,7 +223,8 @@ def _build_layer(prefix: str, stored: Roles, arch: str, peft_alphas: "_PeftAlpha
             _check_values(role, tensor, role in factors, label, prefix)
     shape = layer_shape(kind, factors, target.name, arch, prefix=prefix, label=label)
     alpha = _alpha(prefix, roles, kind, factors, peft_alphas, label)
-    if target.swap_halves:
+    swapped = target.swaps(shape)
+    if swapped:
         factors = swap_output_halves(kind, factors, label, prefix)
     offset = None
     if target.part is not None:
@@ -227,7 +239,7 @@ def _build_layer(prefix: str, stored: Roles, arch: str, peft_alphas: "_PeftAlpha
     if bias is not None and tuple(bias.shape) != shape[:1]:
         raise LoraError(f"diff_b has shape {tuple(bias.shape)}, but the weight has {shape[0]} output rows",
                         file=label, layer=prefix, fix="the file is corrupt; re-export it")
-    if target.swap_halves:
+    if swapped:
         dora = None if dora is None else torch.roll(dora, shape[0] // 2, dims=0)
         bias = None if bias is None else torch.roll(bias, shape[0] // 2, dims=0)
     return Layer(name=target.name, kind=kind, factors=factors, shape=shape, alpha=alpha, offset=offset,

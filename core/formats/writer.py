@@ -177,14 +177,14 @@ def _swapped_in_file(layer: Layer, conv: Convention, arch: str) -> bool:
         return False
     if conv.name == "keep":
         target = naming.to_canonical(layer.source_key, arch)
-        return target is not None and target.swap_halves
-    return naming.swapped_halves(layer.name, conv.name)
+        return target is not None and target.swaps(layer.shape)
+    return naming.swapped_halves(layer.name, conv.name, arch, layer.shape)
 
 
 # --- names: canonical layers through the tables, verbatim layers by ComfyUI's generic rules ---------
 
-_KOHYA_VERBATIM = ("lora_unet_", "lora_te")
-_PEFT_VERBATIM = ("transformer.", "unet.", "text_encoder.", "text_encoder_2.")
+_KOHYA_VERBATIM = ("lora_unet_", "lora_te", "text_encoders.")  # text_encoders.<name>.: ComfyUI's generic rule
+_PEFT_VERBATIM = ("transformer.", "unet.", "text_encoder.", "text_encoder_2.", "text_encoders.")
 
 
 def verbatim_prefix(layer: Layer, convention: str) -> str | None:
@@ -209,6 +209,11 @@ def check_nameable(lora: LoraFile, convention: str, label: str | None = None) ->
     _convention(convention)
     if convention == "keep":
         return
+    if any(not layer.verbatim for layer in lora):
+        try:
+            naming.check_output(lora.architecture, convention)
+        except LoraError as exc:
+            raise LoraError(exc.problem, file=label or lora.path, fix=exc.fix) from None
     bad = [layer.source_key for layer in lora if layer.verbatim and verbatim_prefix(layer, convention) is None]
     if not bad:
         return

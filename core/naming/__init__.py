@@ -1,53 +1,24 @@
 """Layer names: any producer's key prefix <-> the canonical name (ComfyUI's model key, no ``.weight``).
 
-Canonical names: ``diffusion_model.<SGM or BFL path>`` for the UNet/transformer,
+Canonical names: ``diffusion_model.<the model's ComfyUI path>`` for the UNet/transformer,
 ``clip_l.transformer.text_model...``, ``clip_g.transformer.text_model...`` and
-``t5xxl.transformer.encoder...`` for text encoders. Conventions are tables of prefixes; block
-names are converted by rule (``unet_sd``, ``flux``) or by vocabulary (``kohya``).
+``t5xxl.transformer.encoder...`` for text encoders. Producer prefixes (``lora_unet_``, ``transformer.``,
+``diffusion_model.``, ``lora_te1_`` ...) are stripped here; what the path means is up to the model family
+(``core.naming.families``: one module per family, registered in one list).
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
-from ..errors import LoraError
-from . import flux, unet_sd
-from .kohya import dotted, underscored
+from .families import FAMILIES, Family, detect, family
+from .families.base import Shapes
+from .kohya import underscored
+from .target import Parts, Target
 
-ARCHITECTURES = ("sd15", "sdxl", "flux")
-
-
-@dataclass(frozen=True)
-class Target:
-    """A canonical weight name and, for a layer of a fused weight, its row slice in height units."""
-
-    name: str
-    part: Optional[tuple[int, int]] = None
-    swap_halves: bool = False  # the file's output rows are the canonical ones with their halves swapped
-
-
-# Text-encoder prefixes -> canonical encoder per architecture ("*" = any).
-_TE_PREFIXES: dict[str, dict[str, str]] = {
-    "lora_te_": {"*": "clip_l"},
-    "lora_te1_": {"*": "clip_l"},
-    "lora_te2_": {"flux": "t5xxl", "*": "clip_g"},
-    "text_encoder.": {"*": "clip_l"},
-    "text_encoder_2.": {"flux": "t5xxl", "*": "clip_g"},
-}
-# Canonical encoder -> prefix, per output convention and architecture.
-_TE_OUT: dict[str, dict[str, dict[str, str]]] = {
-    "kohya": {"clip_l": {"sd15": "lora_te_", "*": "lora_te1_"}, "clip_g": {"*": "lora_te2_"},
-              "t5xxl": {"*": "lora_te2_"}},
-    "peft": {"clip_l": {"*": "text_encoder."}, "clip_g": {"*": "text_encoder_2."},
-             "t5xxl": {"*": "text_encoder_2."}},
-}
+ARCHITECTURES = tuple(f.name for f in FAMILIES)
+ENCODERS = ("clip_l", "clip_g", "t5xxl")  # encoders with tables; others keep ComfyUI's generic text_encoders. names
 _UNET_UNDERSCORED = ("lora_unet_", "lycoris_", "lora_transformer_")
-_UNET_DOTTED = ("unet.", "transformer.", "base_model.model.", "unet.base_model.model.")
-
-
-def _by_arch(table: Mapping[str, str], arch: str) -> str:
-    return table.get(arch, table["*"])
+_UNET_DOTTED = ("unet.base_model.model.", "base_model.model.", "unet.", "transformer.")  # longest first
 
 
 def _encoder_target(encoder: str, path: str) -> Optional[Target]:
@@ -60,128 +31,82 @@ def _encoder_target(encoder: str, path: str) -> Optional[Target]:
     return None
 
 
-def _unet_target(path: str, arch: str) -> Optional[Target]:
-    """A dotted UNet/transformer path in any of SGM, BFL, diffusers SD or diffusers Flux naming."""
-    path = path.replace(".processor.", ".")
-    if re.search(r"\.to_out$", path):  # old attention processors name to_out.0 "to_out"
-        path += ".0"
-    if path.startswith(unet_sd.SGM_ROOTS):
-        return Target(f"diffusion_model.{path}")
-    if path.startswith(flux.BFL_ROOTS):
-        name, part = flux.bfl_slice(path)
-        return Target(f"diffusion_model.{name}", part)
-    if path in flux.SWAPPED:
-        return Target(f"diffusion_model.{flux.SWAPPED[path]}", swap_halves=True)
-    if path.startswith(flux.DIFFUSERS_ROOTS) and (arch == "flux" or not path.startswith("proj_out")):
-        mapped = flux.to_bfl(path)
-        return Target(f"diffusion_model.{mapped[0]}", mapped[1]) if mapped else None
-    if path.startswith(unet_sd.DIFFUSERS_ROOTS):
-        sgm = unet_sd.to_sgm(path, arch)
-        return Target(f"diffusion_model.{sgm}") if sgm else None
-    return None
-
-
 def to_canonical(prefix: str, arch: str) -> Optional[Target]:
     """The weight a LoRA key prefix changes; None when the prefix names nothing we know."""
+    fam = family(arch)
     if prefix.startswith("diffusion_model."):
-        return _unet_target(prefix[len("diffusion_model."):], arch)
+        return fam.unet_target(prefix[len("diffusion_model."):])
     if prefix.startswith("text_encoders."):
-        rest = prefix[len("text_encoders."):]
-        encoder, _, path = rest.partition(".transformer.")
-        return _encoder_target(encoder, path) if encoder in ("clip_l", "clip_g", "t5xxl") else None
-    for te_prefix, encoders in _TE_PREFIXES.items():
+        encoder, _, path = prefix[len("text_encoders."):].partition(".transformer.")
+        return _encoder_target(encoder, path) if encoder in ENCODERS else None
+    for te_prefix, encoder in fam.encoders.items():
         if prefix.startswith(te_prefix):
             rest = prefix[len(te_prefix):]
-            path = rest if te_prefix.endswith(".") else dotted(rest)
-            return _encoder_target(_by_arch(encoders, arch), path)
+            return _encoder_target(encoder, rest if te_prefix.endswith(".") else fam.dotted(rest))
     for unet_prefix in _UNET_UNDERSCORED:
         if prefix.startswith(unet_prefix):
-            return _unet_target(dotted(prefix[len(unet_prefix):]), arch)
-    for unet_prefix in sorted(_UNET_DOTTED, key=len, reverse=True):
+            return fam.unet_target(fam.dotted(prefix[len(unet_prefix):]))
+    for unet_prefix in _UNET_DOTTED:
         if prefix.startswith(unet_prefix):
-            return _unet_target(prefix[len(unet_prefix):], arch)
-    return _unet_target(prefix, arch)
-
-
-def _unet_out(path: str, arch: str, convention: str) -> str:
-    if convention == "kohya":
-        if arch == "sd15":
-            diffusers = unet_sd.to_diffusers(path)
-            if diffusers:
-                return "lora_unet_" + underscored(diffusers)
-        return "lora_unet_" + underscored(path)
-    if arch == "flux" or path.startswith(flux.BFL_ROOTS):
-        diffusers = flux.to_diffusers(path)
-        if diffusers:
-            return f"transformer.{diffusers}"
-    else:
-        diffusers = unet_sd.to_diffusers(path)
-        if diffusers:
-            return f"unet.{diffusers}"
-    raise LoraError(f"{path} has no {convention} name", layer=f"diffusion_model.{path}",
-                    fix="write this LoRA in kohya or ComfyUI format")
+            return fam.unet_target(prefix[len(unet_prefix):])
+    return fam.unet_target(prefix)
 
 
 def from_canonical(name: str, arch: str, convention: str) -> str:
     """The key prefix of a canonical weight in an output convention ("kohya", "peft", "comfy")."""
+    fam = family(arch)
     if name.startswith("diffusion_model."):
-        path = name[len("diffusion_model."):]
-        return name if convention == "comfy" else _unet_out(path, arch, convention)
-    encoder, _, path = name.partition(".transformer.")
+        return name if convention == "comfy" else fam.unet_prefix(name[len("diffusion_model."):], convention)
     if convention == "comfy":
         return f"text_encoders.{name}"
-    prefix = _by_arch(_TE_OUT[convention][encoder], arch)
-    if convention == "kohya":
-        return prefix + underscored(path)
-    return prefix + path
+    fam.check_output(convention)
+    encoder, _, path = name.partition(".transformer.")
+    prefix = fam.encoder_out.get(convention, {}).get(encoder)
+    if prefix is None:  # no trainer name for this encoder here: ComfyUI's generic one loads
+        return f"text_encoders.{name}"
+    return prefix + (path if prefix.endswith(".") else underscored(path))
 
 
-def swapped_halves(name: str, convention: str) -> bool:
-    """Whether ``convention`` names this canonical weight by a module whose output halves are swapped."""
-    return convention == "peft" and name.startswith("diffusion_model.") and \
-        name[len("diffusion_model."):] in flux.SWAPPED.values()
+def swapped_halves(name: str, convention: str, arch: str = "unknown", shape: Optional[tuple[int, ...]] = None) -> bool:
+    """Whether ``convention`` names this canonical weight (of ``shape``, where the family needs it) by a module
+    whose output halves are swapped."""
+    if not name.startswith("diffusion_model."):
+        return False
+    fam = family(arch)
+    path = name[len("diffusion_model."):]
+    if fam is family(None):  # no family: Flux's swap, as every classic file was read
+        return family("flux").swapped(path, convention, shape)
+    return fam.swapped(path, convention, shape)
 
 
-def split_parts(name: str, arch: str, convention: str) -> Optional[list[tuple[str, tuple[int, int]]]]:
+def split_parts(name: str, arch: str, convention: str) -> Optional[Parts]:
     """For a fused weight the convention names only by parts (Flux qkv/linear1 in PEFT): its parts."""
-    if convention != "peft" or not name.startswith("diffusion_model."):
+    if not name.startswith("diffusion_model."):
         return None
-    found = flux.parts(name[len("diffusion_model."):])
-    return [(f"transformer.{p}", part) for p, part in found] if found else None
+    fam = family(arch)
+    if fam is family(None) or fam.name in ("sd15", "sdxl"):  # classic files: Flux's parts whatever the arch
+        fam = family("flux")
+    return fam.split_parts(name[len("diffusion_model."):], convention)
+
+
+def check_output(arch: str, convention: str) -> None:
+    """Refuse an output convention ComfyUI cannot load for this architecture's family, naming both."""
+    family(arch).check_output(convention)
 
 
 # --- architecture detection --------------------------------------------------------------------
 
-_FLUX_MARKS = ("double_blocks", "single_blocks", "single_transformer_blocks", "transformer.transformer_blocks",
-               "lora_transformer_transformer_blocks")
-_SDXL_MARKS = ("lora_te2_", "text_encoder_2.", "clip_g.", "up_blocks.0.attentions", "up_blocks_0_attentions",
-               "transformer_blocks.1.", "transformer_blocks_1_", "input_blocks.4.1.transformer_blocks.1",
-               "label_emb")
-_SD15_MARKS = ("down_blocks.0.attentions", "down_blocks_0_attentions", "input_blocks.1.1.", "input_blocks_1_1_",
-               "input_blocks.10.", "input_blocks_10_", "up_blocks.3.attentions", "up_blocks_3_attentions")
-_METADATA_ARCH = (("flux", "flux"), ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("sd_v1", "sd15"),
-                  ("stable-diffusion-v1", "sd15"))
-
-
-def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str]) -> str:
-    """"sd15", "sdxl", "flux" or "unknown", from layer names first, then trainer metadata."""
+def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str],
+                        shapes: Optional[Shapes] = None) -> str:
+    """A registered family name or "unknown", from layer names and widths, then trainer metadata."""
     names = list(prefixes)
-    text = "\n".join(names)
-    if any(mark in text for mark in _FLUX_MARKS):
-        return "flux"
-    if any(mark in text for mark in _SDXL_MARKS):
-        return "sdxl"
-    if any(mark in text for mark in _SD15_MARKS):
-        return "sd15"
-    for key in ("ss_base_model_version", "modelspec.architecture"):
-        value = str(metadata.get(key, "")).lower()
-        for needle, arch in _METADATA_ARCH:
-            if value.startswith(needle):
-                return arch
+    found = detect(names, metadata, shapes or {})
+    if found is not None:
+        return found.name
     if any(n.startswith("lora_te_") or n.startswith("lora_unet_down_blocks") for n in names):
         return "sd15"
     return "unknown"
 
 
-__all__ = ["ARCHITECTURES", "Target", "detect_architecture", "to_canonical", "from_canonical", "split_parts",
-           "swapped_halves"]
+__all__ = ["ARCHITECTURES", "Family", "Target", "check_output", "detect_architecture", "family", "from_canonical",
+           "split_parts", "swapped_halves", "to_canonical"]

@@ -33,33 +33,39 @@ ATOMS: tuple[str, ...] = (
 )
 
 
-@lru_cache(maxsize=None)
-def _atoms_by_first_word() -> dict[str, tuple[tuple[str, ...], ...]]:
-    """Atoms as word tuples, grouped by their first word, longest first."""
-    table: dict[str, list[tuple[str, ...]]] = {}
-    for atom in ATOMS:
-        words = tuple(atom.split("_"))
-        table.setdefault(words[0], []).append(words)
-    return {first: tuple(sorted(group, key=len, reverse=True)) for first, group in table.items()}
+class Vocabulary:
+    """Greedy longest-match re-dotting over one family's atoms (the common ones included)."""
+
+    def __init__(self, atoms: tuple[str, ...]):
+        table: dict[str, list[tuple[str, ...]]] = {}
+        for atom in dict.fromkeys(atoms):
+            words = tuple(atom.split("_"))
+            table.setdefault(words[0], []).append(words)
+        self._table = {first: tuple(sorted(group, key=len, reverse=True)) for first, group in table.items()}
+        self.dotted = lru_cache(maxsize=65536)(self._dotted)
+
+    def _dotted(self, underscored: str) -> str:
+        tokens = underscored.split("_")
+        out: list[str] = []
+        i = 0
+        while i < len(tokens):
+            for words in self._table.get(tokens[i], ()):
+                if tuple(tokens[i:i + len(words)]) == words:
+                    out.append("_".join(words))
+                    i += len(words)
+                    break
+            else:
+                out.append(tokens[i])
+                i += 1
+        return ".".join(out)
 
 
-@lru_cache(maxsize=65536)
+COMMON = Vocabulary(ATOMS)
+
+
 def dotted(underscored: str) -> str:
     """``input_blocks_4_1_transformer_blocks_0_attn1_to_q`` -> ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``."""
-    tokens = underscored.split("_")
-    table = _atoms_by_first_word()
-    out: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for words in table.get(tokens[i], ()):
-            if tuple(tokens[i:i + len(words)]) == words:
-                out.append("_".join(words))
-                i += len(words)
-                break
-        else:
-            out.append(tokens[i])
-            i += 1
-    return ".".join(out)
+    return COMMON.dotted(underscored)
 
 
 def underscored(dotted_name: str) -> str:

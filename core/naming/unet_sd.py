@@ -12,7 +12,8 @@ from typing import Optional
 
 RES_BLOCKS = 2  # per level, both SD1.5 and SDXL
 # Does up level x have attention blocks (decides the upsampler's slot)?
-UP_ATTENTION = {"sd15": (False, True, True, True), "sdxl": (True, True, False)}
+UP_ATTENTION = {"sd15": (False, True, True, True), "sdxl": (True, True, False),
+                "sdxl_refiner": (False, True, True, False)}
 
 RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
           "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
