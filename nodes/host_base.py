@@ -62,21 +62,19 @@ def is_gguf(tensor: torch.Tensor) -> bool:
     return getattr(tensor, "tensor_type", None) is not None and hasattr(tensor, "tensor_shape")
 
 
-def _gguf_quantized(tensor: torch.Tensor) -> bool:
-    """A GGUF tensor whose bytes are not a torch dtype's (Q4_K ...): only the pack can read it."""
-    return is_gguf(tensor) and getattr(tensor.tensor_type, "name", "") not in ("F32", "F16", "BF16")
-
-
-def to_fp32(tensor: torch.Tensor, device) -> torch.Tensor:
+def to_fp32(tensor: torch.Tensor, device, key: str = "") -> torch.Tensor:
     """One stored weight as a new fp32 tensor on ``device``: moved first at its stored dtype (fp8 e4m3fn/e5m2,
     bf16 ...: only the stored bytes cross the bus), then cast there, exactly; GGUF through ComfyUI-GGUF's own
     dequantize. Blocking copies: the result is read at once."""
     if is_gguf(tensor):
         dequantize = _gguf_dequantize()
         if dequantize is None:
-            raise LoraError("this weight is a GGUF tensor, and the ComfyUI-GGUF pack that reads it is not loaded",
-                            fix="install ComfyUI-GGUF (city96) or connect a safetensors model")
-        return dequantize(tensor.to(device), dtype=torch.float32).to(torch.float32)
+            raise LoraError("this base weight is a GGUF tensor, and the ComfyUI-GGUF pack that reads it is not "
+                            "loaded", layer=key or None,
+                            fix="install ComfyUI-GGUF (city96), connect a safetensors model, or use a recipe that "
+                            "needs no base (spn_lora/fro_lora/params, rank=, sv_ratio=)")
+        weight = dequantize(tensor.to(device), dtype=torch.float32).to(torch.float32)
+        return weight.as_subclass(torch.Tensor)  # a plain tensor: the pack's subclass re-dispatches every op
     moved = comfy.model_management.cast_to(tensor, device=torch.device(device), non_blocking=False)
     return moved.to(torch.float32, copy=moved is tensor)
 
@@ -107,12 +105,12 @@ class HostWeights:
 
     def read(self, key: str, device=None, rows: Optional[int] = None) -> torch.Tensor:
         """fp32 weight as the host patches it (``convert_weight`` of scaled-fp8 ops applied); ``rows``: only
-        the first rows (the fingerprint's sample; a quantized GGUF weight is dequantized whole first)."""
+        the first rows (the fingerprint's sample; a GGUF weight, whose stored rows are blocks, whole first)."""
         tensor = self.stored(key)
         device = device if device is not None else tensor.device
-        if rows is not None and not _gguf_quantized(tensor):
+        if rows is not None and not is_gguf(tensor):
             tensor = tensor[:rows]
-        weight = to_fp32(tensor, device)
+        weight = to_fp32(tensor, device, key)
         if rows is not None:
             weight = weight[:rows]
         _, _, convert = comfy.model_patcher.get_key_weight(self.patcher.model, key)

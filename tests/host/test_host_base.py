@@ -398,6 +398,22 @@ def test_layers_the_host_places_nowhere_are_named_before_any_work(comfy_hosts, p
     assert nodes["LoraResize_ResizeLoRA"]().resize(lora, rank, model=t2v.model)["result"][0].lora.layers
 
 
+def test_text_encoder_layers_without_the_clip_ask_for_the_clip(comfy_hosts, pack, folders):
+    """SD3 kohya with CLIP-L/G and T5 layers, MODEL connected alone: the encoder layers are counted and named."""
+    loras_dir, _ = folders
+    host = FAMILY_BUILDERS["sd3"]()
+    unet_only = len(_layers(pack, convention("sd3", "kohya_unet").write(host, 0)))
+    save_file(convention("sd3", "kohya").write(host, 0), str(loras_dir / "sd3.safetensors"))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    lora, _ = nodes["LoraResize_LoadLoRAForResize"]().load("sd3.safetensors")
+    recipe, _ = nodes["LoraResize_ScoreRecipe"]().build(0, 1.0, 0, 0, 0, 0, "thr", -2.0, 1.0, "svd", 0)
+    missing = len(lora.lora) - unet_only
+    with pytest.raises(Exception, match=rf"{missing} of {len(lora.lora)} LoRA layers are placed on no weight .*"
+                                        r"lora_te\d_.*Fix: connect the CLIP too"):
+        nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe, model=host.model)
+    assert missing > 0 and nodes["LoraResize_ResizeLoRA"]().resize(lora, recipe, model=host.model, clip=host.clip)
+
+
 def test_a_patched_model_still_scores_against_its_unpatched_weights(comfy_hosts, pack):
     import comfy.model_management
     import comfy.sd
