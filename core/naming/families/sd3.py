@@ -38,6 +38,7 @@ SWAPPED = {"norm_out.linear": "final_layer.adaLN_modulation.1"}  # scale, shift 
 # stores swapped like norm_out; the other blocks' have 6 x width rows, unswapped.
 PRE_ONLY_ROWS = 2
 _PRE_ONLY = re.compile(r"joint_blocks\.\d+\.context_block\.adaLN_modulation\.1")
+WIDTHS = (1536, 2432)  # SD3/SD3.5 Medium, SD3.5 Large (hidden = 64 x depth)
 _BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
 _JOINT = re.compile(r"joint_blocks\.(\d+)\.(.+)")
 
@@ -59,6 +60,10 @@ class SD3(Family):
                             "t5xxl": "text_encoders.t5xxl.transformer."}}
     outputs = ("kohya", "comfy", "peft")
     diffusers_classes = ("SD3Transformer2DModel",)
+
+    def score(self, names, shapes) -> float:
+        wide = any(shape[1] in WIDTHS for shape in shapes.values())
+        return super().score(names, shapes) + (15 if wide else 0)
 
     def unet_target(self, path: str) -> Optional[Target]:
         if path in BASIC:
