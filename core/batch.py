@@ -266,18 +266,43 @@ _IN_TASK = False  # a worker's SIGTERM interrupts a task (temps removed) but end
 _TERMINATED = False
 
 
-def resize_file(task: Task, settings: Settings,
-                progress: Optional[Callable[[str, int, int], None]] = None) -> list[Record]:
+Progress = Callable[[str, int, int], None]
+# (lora, recipes, base spec or None, settings, sources, progress) -> (one result per recipe, norms computed)
+Engine = Callable[[Any, list, Optional[BaseSpec], Settings, list, Optional[Progress]], tuple[list, int]]
+
+
+def core_engine(lora, recipes: list, spec: Optional[BaseSpec], settings: Settings, sources: list,
+                progress: Optional[Progress]) -> tuple[list, int]:
+    """The resize command's engine (core.resize.resize) on the family's checkpoint; counts the norms it
+    had to compute (none when the batch computed them before dispatch)."""
+    from .resize import resize
+    from .resize_cli import _DTYPES
+
+    base, cache = _open(spec)
+    counting = _CountingCache(cache) if cache is not None else None
+    results = list(resize(lora, recipes, base=base, device=settings.device, cache=counting,
+                          convention=settings.convention, dtype=_DTYPES[settings.dtype], sources=sources,
+                          progress=progress))
+    if cache is not None:
+        cache.save()
+    return results, counting.computed if counting else 0
+
+
+def resize_file(task: Task, settings: Settings, progress: Optional[Progress] = None, engine: Engine = core_engine,
+                passthrough: tuple[type, ...] = ()) -> list[Record]:
     """All of one file's recipes at once (one decomposition), writing those in ``task.write``; one
-    record per recipe written, done or failed (all or nothing per file, as in the resize command)."""
+    record per recipe written, done or failed (all or nothing per file, as in the resize command).
+    Exceptions of a ``passthrough`` type (the host's Cancel) are not failures: they end the batch."""
     global _IN_TASK
     _IN_TASK = True
     started = time.monotonic()
     try:
-        return _resize_file(task, settings, progress, started)
+        return _resize_file(task, settings, progress, started, engine)
     except LoraError as exc:
         error = str(exc.with_file(task.item.path))
     except Exception as exc:  # an OS failure or a bug: recorded, and the batch goes on
+        if isinstance(exc, passthrough):
+            raise
         error = f"{task.item.path}: {_unexpected(exc)}"
     except KeyboardInterrupt:
         if _TERMINATED:  # a worker told to stop: its temps are removed by now; end without a word
@@ -289,25 +314,19 @@ def resize_file(task: Task, settings: Settings,
             for recipe in task.write]
 
 
-def _resize_file(task: Task, settings: Settings, progress, started: float) -> list[Record]:
+def _resize_file(task: Task, settings: Settings, progress, started: float, engine: Engine) -> list[Record]:
     from .formats import read_lora
     from .formats.writer import check_nameable
     from .recipe import parse_recipes
-    from .resize import resize
     from .resize_cli import _DTYPES, output_name, plan_outputs, write_all
 
     path, folder = task.item.path, Path(task.item.out_dir)
     dtype = _DTYPES[settings.dtype]
-    base, cache = _open(task.base)
-    counting = _CountingCache(cache) if cache is not None else None
     lora = read_lora(path, arch=settings.arch)
     check_nameable(lora, settings.convention, label=path)
     sources = [{"file": os.path.basename(path), "sha256": task.sha256, "weight": 1.0}]  # as cmd_resize records
     recipes = parse_recipes(":".join(task.recipes))
-    results = list(resize(lora, recipes, base=base, device=settings.device, cache=counting,
-                          convention=settings.convention, dtype=dtype, sources=sources, progress=progress))
-    if cache is not None:
-        cache.save()
+    results, computed = engine(lora, recipes, task.base, settings, sources, progress)
     wanted = [r for r in results if r.recipe.text in task.write]
     stem = Path(path).stem
     fresh, there = [], []
@@ -324,7 +343,7 @@ def _resize_file(task: Task, settings: Settings, progress, started: float) -> li
     for result in wanted:
         output = folder / output_name(stem, result.recipe, result.threshold)
         records.append(_record(task, result.recipe.text, "done", settings, seconds=seconds, output=str(output),
-                               result=result, computed=counting.computed if counting else 0))
+                               result=result, computed=computed))
     return records
 
 
@@ -503,12 +522,20 @@ def _cached(cache, fingerprint: str, key: str, kinds: tuple[str, ...]) -> bool:
 
 
 def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, BaseSpec], manifest: Manifest, *,
-              jobs: int = 1, verbosity: int = 0, on_file: Optional[Callable[[int, int, list[Record]], None]] = None,
-              progress: Optional[Callable[[str, int, int], None]] = None, quiet: bool = True) -> Summary:
+              jobs: int = 1, verbosity: int = 0,
+              on_file: Optional[Callable[[str, int, int, list[Record]], None]] = None,
+              progress: Optional[Progress] = None, quiet: bool = True, engine: Optional[Engine] = None,
+              passthrough: tuple[type, ...] = (), no_base_fix: str = "add --base {family}=PATH") -> Summary:
     """The three passes (probe, base norms, resize); records appended as each file finishes.
 
-    ``on_file(done, total, records)`` runs in this process after each file of the resize pass (ComfyUI's
-    progress bar and Cancel); ``progress`` is each file's inner progress, in this process only (-j 1)."""
+    ``bases``: family -> base; ``"*"`` is the base of every family (ComfyUI's connected MODEL, where the
+    host's key maps decide what matches). ``on_file(stage, done, total, records)`` runs in this process
+    after each file of the "check" and "resize" passes (ComfyUI's progress bar and Cancel); ``progress``
+    is each file's inner progress; ``no_base_fix`` is what a skipped record tells the user to do (a format
+    string with ``{family}``). ``engine`` replaces the resize command's (in this process only, -j 1;
+    the batch then leaves base norms to it)."""
+    if engine is not None and jobs != 1:
+        raise UsageError("a custom engine runs in this process only", fix="use one job")
     from tqdm import tqdm
 
     from .recipe import parse_recipes
@@ -534,6 +561,8 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
         def probed(index: int, found: Probe) -> None:
             probes[index] = found
             bar.update(1)
+            if on_file is not None:
+                on_file("check", sum(p is not None for p in probes), len(items), [])
 
         runner.map(probe, calls, probed)
         bar.close()
@@ -545,26 +574,30 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
                     append(_record(stub, recipe, "failed", settings, error=found.error))
                 continue
             summary.already += len(found.verified)
-            base = bases.get(found.family)
+            base = bases.get(found.family, bases.get("*"))
             runnable = tuple(t for t in texts if base is not None or t not in needs_base)
             for recipe in texts:
                 if recipe not in runnable and recipe not in found.verified:
-                    append(_record(stub, recipe, "skipped", settings, error=_no_base(found.family, recipe)))
+                    append(_record(stub, recipe, "skipped", settings,
+                                   error=_no_base(found.family, recipe, no_base_fix)))
             write = tuple(t for t in runnable if t not in found.verified)
             if write:
                 tasks.append(Task(item, found.sha256, found.family, runnable, write, base))
         kinds = _norm_kinds(recipes)
-        if kinds is not None:
-            for family in dict.fromkeys(t.family for t in tasks if t.base is not None):
-                base, cache = _open(bases[family])
+        if kinds is not None and engine is None:
+            for family in dict.fromkeys(t.family for t in tasks if t.base is not None and t.base.path):
+                base, cache = _open(next(t.base for t in tasks if t.family == family))
                 targets = [target for t, found in zip(items, probes) if found.family == family
                            for target in found.targets]
                 summary.norms_computed[family] = _base_norms(base, cache, targets, kinds, settings.device)
         bar = tqdm(total=len(tasks), desc="resize", unit="file", disable=quiet, file=sys.stderr)
-        portable = [(_portable(task) if runner.pool else task, settings) + (() if runner.pool else (progress,))
-                    for task in tasks]
+        portable = [(_portable(task), settings) if runner.pool else
+                    (task, settings, progress, engine or core_engine, passthrough) for task in tasks]
+
+        resized = [0]  # tqdm counts nothing when disabled (-q): our own count for on_file
 
         def finished(index: int, records: list[Record]) -> None:
+            resized[0] += 1
             shown = set()
             for record in records:
                 append(record)
@@ -574,7 +607,7 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
                     tqdm.write(line, file=sys.stderr if record["status"] == "failed" else sys.stdout)
             bar.update(1)
             if on_file is not None:
-                on_file(bar.n, len(tasks), records)
+                on_file("resize", resized[0], len(tasks), records)
 
         runner.map(resize_file, portable, finished)
     except BaseException:
@@ -598,15 +631,17 @@ def _done_records(manifest: Manifest, item: Item, texts: Sequence[str], settings
     out = []
     for recipe in texts:
         record = manifest.latest.get((item.path, recipe))
+        family = record.get("family") if record else None
         if record and record.get("status") == "done" and \
-                record.get("settings") == settings.record(_fingerprint(bases.get(record.get("family")))):
+                record.get("settings") == settings.record(_fingerprint(bases.get(family, bases.get("*")))):
             out.append(record)
     return out
 
 
-def _no_base(family: Optional[str], recipe: str) -> str:
+def _no_base(family: Optional[str], recipe: str, fix: str) -> str:
     return (f"recipe {recipe!r} compares with the base checkpoint, and no base was given for this LoRA's family "
-            f"({family or 'unknown'}). Fix: add --base {family or 'FAMILY'}=PATH, or use a recipe that needs no base")
+            f"({family or 'unknown'}). Fix: {fix.format(family=family or 'FAMILY')}, or use a recipe that needs "
+            "no base")
 
 
 def _line(record: Record) -> str:

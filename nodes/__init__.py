@@ -1,6 +1,7 @@
 """ComfyUI nodes: thin declarations over core/. Ids are prefixed so they never collide with the host's."""
 from .apply import ApplyLoRA
 from .compare import CompareImages
+from .folder import ResizeLoRAFolder
 from .load import LoadLoRAForResize
 from .merge import MergeLoRAs
 from .recipe import ScoreRecipe
@@ -15,6 +16,7 @@ _NODES = {
     "ResizeLoRA": (ResizeLoRA, "Resize LoRA"),
     "SaveLoRA": (SaveLoRA, "Save LoRA (resized)"),
     "ApplyLoRA": (ApplyLoRA, "Apply LoRA (resize pack)"),
+    "ResizeLoRAFolder": (ResizeLoRAFolder, "Resize LoRA Folder"),
     "ResizeLoRASweep": (ResizeLoRASweep, "Resize LoRA Sweep"),
     "CompareImages": (CompareImages, "Compare Images (LoRA resize)"),
 }
