@@ -208,6 +208,24 @@ def test_a_cancel_from_progress_stops_the_queued_layers(tmp_path, monkeypatch):
     assert 3 <= len(measured) <= 6  # the running layers finish, the queued ones never start
 
 
+@pytest.mark.parametrize("size", [32, 600])
+def test_spectral_norm_is_the_largest_even_when_the_start_misses_its_direction(size):
+    """The residual rule proves a singular value near θ, not the largest: with v₁ orthogonal to the start
+    vector (seed 0's, as spectral_norm draws it) Lanczos never sees σ₁ and settles on σ₂ = 0.969·σ₁.
+    Small layers are exact; larger ones with a close second Ritz value are rerun from another start."""
+    g = torch.Generator().manual_seed(5)
+    start = torch.randn(size, generator=torch.Generator().manual_seed(0))
+    start = start / start.norm()
+    v1 = torch.randn(size, generator=g)
+    v1 = v1 - (v1 @ start) * start
+    basis = torch.linalg.qr(torch.cat([v1[:, None], torch.randn(size, size - 1, generator=g)], dim=1))[0]
+    u = torch.linalg.qr(torch.randn(size, size, generator=g))[0]
+    s = torch.tensor([1.0] + [0.969 * 0.995 ** i for i in range(size - 1)])
+    w = (u * s) @ basis.T
+    assert abs(float(basis[:, 0] @ start)) < 1e-5  # the start holds none of v₁
+    assert spectral_norm(w) == pytest.approx(1.0, rel=1e-3)
+
+
 @pytest.mark.parametrize("seed", [0, 2])
 def test_spectral_norm_of_pure_noise_is_not_stopped_short(seed):
     """A Gaussian matrix's top singular values crowd together, so the Ritz value creeps up for many

@@ -145,12 +145,7 @@ def test_node_base_places_every_layer_the_host_patches_and_its_norms_are_the_wei
 # core.norms.spectral_norm's Lanczos stops when its residual proves a singular value within 1e-3 of its Ritz value;
 # on these tiny random Qwen-Image weights that value is σ₂, not σ₁ (32×32 add_q_proj of block 1: 1.7520 for
 # σ₁ = 1.8085, σ₂ = 1.7520). A core bug, pinned here until core/norms.py guards against it.
-_SPECTRAL_MISSES = {("qwen_image", n) for n in ("musubi", "comfy", "diffusers", "lightning", "diffsynth")}
-
-
-@pytest.mark.parametrize("family,name", [
-    pytest.param(f, n, marks=pytest.mark.xfail(strict=True, reason="core.norms.spectral_norm converges to σ₂"))
-    if (f, n) in _SPECTRAL_MISSES else (f, n) for f, n in _CASES], ids=[f"{f}-{n}" for f, n in _CASES])
+@pytest.mark.parametrize("family,name", _CASES, ids=[f"{f}-{n}" for f, n in _CASES])
 def test_node_base_spectral_norms_are_the_largest_singular_values(comfy_hosts, pack, family, name):
     host = _host(comfy_hosts, family)
     base, placed, _ = _module(pack, "nodes.host").host_base(host.model, host.clip,
