@@ -1,6 +1,8 @@
 """Base checkpoint weights by canonical layer name, read tensor by tensor.
 
-Single ``.safetensors`` files (SD1.5, SDXL with OpenCLIP bigG, Flux) and diffusers folders. Only the
+Single ``.safetensors`` files (ComfyUI/SGM checkpoints with ``model.diffusion_model.``, SDXL with OpenCLIP
+bigG, bare diffusion-model files of any registered family as UNETLoader takes them) and diffusers folders
+(the family from the model's or pipeline's ``_class_name``). Only the
 tensors a LoRA needs are ever read (by offset, with pread: no mmap), never the whole file. Inside
 ComfyUI, :class:`StateDictBase` wraps the tensors the host already holds.
 A weight holding NaN or Inf is refused by ``nonfinite_error``, naming the file, the tensor and the
@@ -37,12 +39,13 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("cond_stage_model.transformer.", "clip_l.transformer."),
     ("text_encoders.clip_l.transformer.", "clip_l.transformer."),
     ("text_encoders.clip_g.transformer.", "clip_g.transformer."),
+    ("text_encoders.t5xxl.transformer.", "t5xxl.transformer."),
+    ("diffusion_model.", "diffusion_model."),
 )
 _OPENCLIP = re.compile(r"conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.(.+)")
 _OPENCLIP_PARTS = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
                    "mlp.c_proj.weight": "mlp.fc2"}
 _QKV = ("q_proj", "k_proj", "v_proj")  # OpenCLIP's in_proj rows are q, k, v in this order
-_FLUX_ROOT = re.compile(r"(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.")
 
 
 def _file_fingerprint(path: str) -> str:
@@ -237,7 +240,7 @@ def _single_file_name(key: str) -> list[tuple[str, Optional[tuple[int, int]]]]:
     for prefix, canonical in _PREFIXES:
         if stem.startswith(prefix):
             return [(canonical + stem[len(prefix):], None)]
-    if _FLUX_ROOT.match(stem):
+    if stem.startswith(naming.diffusion_roots()):  # a bare diffusion-model file (UNETLoader's kind)
         return [("diffusion_model." + stem, None)]
     return []
 
@@ -272,7 +275,33 @@ def _open_file(path: str) -> SafetensorsBase:
 
 
 _DIFFUSERS_PARTS = {"unet": "unet.", "transformer": "transformer.", "text_encoder": "text_encoder.",
-                    "text_encoder_2": "text_encoder_2."}
+                    "text_encoder_2": "text_encoder_2.", "text_encoder_3": "text_encoder_3."}
+
+
+def _class_names(path: str) -> list[str]:
+    """``_class_name`` of the pipeline (model_index.json) and of its transformer/unet (config.json)."""
+    import json
+
+    names = []
+    for config in ("model_index.json", os.path.join("transformer", "config.json"), os.path.join("unet", "config.json")):
+        try:
+            with open(os.path.join(path, config), encoding="utf-8") as fh:
+                value = json.load(fh).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str):
+            names.append(value)
+    return names
+
+
+def _folder_architecture(path: str, files: Mapping[str, list[str]]) -> str:
+    """The family of a diffusers folder: from its class names, else by its parts (as before families)."""
+    named = naming.diffusers_family(_class_names(path))
+    if named == "sdxl_refiner" and "text_encoder" in files:
+        return "sdxl"  # an SDXL base saved as an img2img pipeline (the Refiner has CLIP-G only)
+    if named:
+        return named
+    return "flux" if "transformer" in files else "sdxl" if "text_encoder_2" in files else "sd15"
 
 
 def _open_folder(path: str) -> SafetensorsBase:
@@ -285,7 +314,7 @@ def _open_folder(path: str) -> SafetensorsBase:
     if not files:
         raise LoraError("not a diffusers folder (no unet/, transformer/ or text_encoder/ safetensors)", file=path,
                         fix="give a single .safetensors checkpoint or a diffusers model folder")
-    arch = "flux" if "transformer" in files else "sdxl" if "text_encoder_2" in files else "sd15"
+    arch = _folder_architecture(path, files)
     pieces: dict[str, list[tuple[Piece, tuple[int, int] | None]]] = defaultdict(list)
     entries = {}
     fingerprints = []

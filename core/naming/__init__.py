@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Optional
 
+from . import flux, unet_sd
 from .families import FAMILIES, Family, detect, family
 from .families.base import Shapes
 from .kohya import underscored
@@ -94,6 +95,19 @@ def check_output(arch: str, convention: str) -> None:
     family(arch).check_output(convention)
 
 
+def diffusion_roots() -> tuple[str, ...]:
+    """First components of every registered family's diffusion-model paths (a bare diffusion-model file's keys,
+    as ComfyUI's UNETLoader takes it, start with one of these)."""
+    roots = {root for fam in FAMILIES for root in fam.roots}
+    return tuple(sorted(roots | set(flux.BFL_ROOTS) | set(unet_sd.SGM_ROOTS)))
+
+
+def diffusers_family(class_names: Iterable[str]) -> Optional[str]:
+    """The registered family whose diffusers model or pipeline class is one of ``class_names``."""
+    names = set(class_names)
+    return next((fam.name for fam in FAMILIES if names & set(fam.diffusers_classes)), None)
+
+
 # --- architecture detection --------------------------------------------------------------------
 
 def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str],
@@ -108,5 +122,5 @@ def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str],
     return "unknown"
 
 
-__all__ = ["ARCHITECTURES", "Family", "Target", "check_output", "detect_architecture", "family", "from_canonical",
-           "split_parts", "swapped_halves", "to_canonical"]
+__all__ = ["ARCHITECTURES", "Family", "Target", "check_output", "detect_architecture", "diffusers_family",
+           "diffusion_roots", "family", "from_canonical", "split_parts", "swapped_halves", "to_canonical"]
