@@ -19,6 +19,7 @@ pack's dequantize and otherwise refuses them by name) and VRAM placement (the te
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -483,3 +484,38 @@ def test_dora_magnitudes_are_refitted_on_the_weights_the_host_places(comfy_hosts
         want = refit_dora(source, layer, weights[host.key_map[source.source_key]])
         assert torch.allclose(layer.dora_scale, want, rtol=1e-5, atol=0), key
         assert not torch.allclose(layer.dora_scale, source.dora_scale, rtol=1e-3)  # really refitted
+
+
+def test_a_layer_the_host_maps_through_a_function_is_scored_in_the_files_rows(comfy_hosts, pack):
+    """Flux diffusers ``norm_out.linear``: ComfyUI adds swap_scale_shift(ΔW_file) to final_layer.adaLN_modulation.1.
+    Read by the Flux table (halves swapped into the model's rows) or verbatim (the file's rows, the host's function
+    then brings the base weight into them), the subspace references are |uᵢᵀ swap(W) vᵢ| for the file's ΔW = U S Vᵀ
+    and the norms are the weight's."""
+    import comfy.utils
+
+    host = comfy_hosts["flux"]()
+    target = "diffusion_model.final_layer.adaLN_modulation.1.weight"
+    weight = host_state(host)[target].to(torch.float64)
+    g = torch.Generator().manual_seed(7)
+    down, up = torch.randn(4, weight.shape[1], generator=g) / 8, torch.randn(weight.shape[0], 4, generator=g) / 10
+    state = {"transformer.norm_out.linear.lora_A.weight": down, "transformer.norm_out.linear.lora_B.weight": up}
+    assert host_load(host, state).lowrank == 1
+    U, S, Vh = torch.linalg.svd(up.double() @ down.double(), full_matrices=False)
+    swapped = comfy.utils.swap_scale_shift(weight)
+    want = ((U[:, :4].T @ swapped) * Vh[:4]).sum(dim=1).abs()
+    formats = _module(pack, "core.formats")
+    recipe = _module(pack, "core.recipe").parse_recipe("subspace=1,spn_ckpt=1,thr=-3")
+    decompose = _module(pack, "core.decompose").decompose
+    readings = {"table": formats.lora_from_state_dict(state, {}),
+                "verbatim": formats.lora_from_state_dict(state, {}, arch="wan")}  # a table without it
+    assert [layer.verbatim for layer in readings["table"]] == [False]
+    assert [layer.verbatim for layer in readings["verbatim"]] == [True]
+    for how, lora in readings.items():
+        base, placed, missing = _module(pack, "nodes.host").host_base(host.model, host.clip, list(lora))
+        (layer,) = placed.values()
+        assert not missing and layer.name + ".weight" == target
+        assert (base.placement(layer.name).function is None) == (how == "table")
+        items = [dataclasses.replace(item, layer=placed[item.key]) for item in decompose(lora)]
+        (refs,) = _module(pack, "core.resize").reference_table(items, [recipe], base).values()
+        assert torch.allclose(refs.subspace.double(), want, rtol=1e-4, atol=1e-6), how
+        assert refs.spectral == pytest.approx(float(torch.linalg.matrix_norm(weight, 2)), rel=1e-3)
