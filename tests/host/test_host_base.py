@@ -394,6 +394,26 @@ def test_layers_the_host_places_nowhere_are_named_before_any_work(comfy_hosts, p
     assert nodes["LoraResize_ResizeLoRA"]().resize(lora, rank, model=t2v.model)["result"][0].lora.layers
 
 
+def test_keys_the_host_renames_before_mapping_are_followed(comfy_hosts, pack):
+    """Wan Fun LoRAs (``lora_unet__blocks_...``): ComfyUI's convert_lora renames them before its key map; the
+    node's base follows the host's own renaming and places every layer on the weight the host patches."""
+    host = FAMILY_BUILDERS["wan21_t2v"]()
+    state = {key.replace("lora_unet_", "lora_unet__", 1): value
+             for key, value in convention("wan21_t2v", "musubi").write(host, 0).items()}
+    assert "lora_unet__blocks_0_cross_attn_k.lora_down.weight" in state  # what the host's converter looks for
+    load = host_load(host, state)
+    assert not load.unloaded and load.lowrank == 20
+    layers = _layers(pack, state)
+    base, placed, missing = _module(pack, "nodes.host").host_base(host.model, None, layers)
+    assert not missing
+    assert {(_model_key(layer), layer.offset) for layer in placed.values()} == set(_targets(load))
+    norms = _module(pack, "core.norms").reference_norms(base, [(lay.name, lay.offset) for lay in placed.values()],
+                                                        kinds=("frobenius",))
+    weights = host_state(host)
+    for (name, _), values in norms.items():
+        assert values["frobenius"] == pytest.approx(float(weights[name + ".weight"].double().norm()), rel=1e-5)
+
+
 def test_text_encoder_layers_without_the_clip_ask_for_the_clip(comfy_hosts, pack, folders):
     """SD3 kohya with CLIP-L/G and T5 layers, MODEL connected alone: the encoder layers are counted and named."""
     loras_dir, _ = folders
