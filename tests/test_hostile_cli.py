@@ -132,7 +132,7 @@ BAD = [
     pytest.param(["{base}", "{lora}", "-o", "{out}", "-f", "diffusers"], 2, ["'diffusers'"], id="flag[-f]"),
     pytest.param(["{base}", "{lora}", "-o", "{out}", "--bogus"], 2, ["--bogus"], id="flag[--bogus]"),
     pytest.param(["{base}", "-o", "{out}"], 2, ["lora_model_paths"], id="flag[no-lora]"),
-    pytest.param(["{base}", "{lora}", "-o", "{out}", "--arch", "sd3"], 2, ["'sd3'"], id="flag[--arch]"),
+    pytest.param(["{base}", "{lora}", "-o", "{out}", "--arch", "sd2"], 2, ["'sd2'"], id="flag[--arch]"),
     pytest.param(["-", "{lora}", "-o", "{out}", "-r", "fro_ckpt=1,thr=-3.5"], 2, ["CHECKPOINT is '-'"],
                  id="flag[base-recipe-without-base]"),
     # convert: the output is checked before the input is read
