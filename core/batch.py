@@ -166,6 +166,7 @@ class BaseSpec:
     path: Optional[str] = None
     weights: Any = None
     cache: Any = None
+    norms: Optional[dict] = None  # {layer cache key: norms} computed by the batch (Ray: from the object store)
 
     def portable(self) -> "BaseSpec":
         if self.path is None:
@@ -187,7 +188,26 @@ def _open(spec: Optional[BaseSpec]) -> tuple[Any, Any]:
         from .norms_cache import NormCache
 
         _OPEN[spec.path] = (open_base(spec.path), NormCache.for_checkpoint(spec.path))
-    return _OPEN[spec.path]
+    base, cache = _OPEN[spec.path]
+    return (base, _Preloaded(base.fingerprint, spec.norms, cache)) if spec.norms else (base, cache)
+
+
+class _Preloaded:
+    """The norms cache, answered first from norms handed to this worker (a node that cannot see, or has
+    not yet re-read, the cache file beside the checkpoint)."""
+
+    def __init__(self, fingerprint: str, norms: dict, cache):
+        self.fingerprint, self.norms, self.cache = fingerprint, norms, cache
+
+    def get(self, fingerprint: str, key: str):
+        found = self.norms.get(key) if fingerprint == self.fingerprint else None
+        return found if found is not None else self.cache.get(fingerprint, key)
+
+    def put(self, fingerprint: str, key: str, values: dict) -> None:
+        self.cache.put(fingerprint, key, values)
+
+    def save(self) -> bool:
+        return self.cache.save()
 
 
 def parse_bases(values: Iterable[str]) -> dict[str, BaseSpec]:
@@ -494,9 +514,10 @@ def _norm_kinds(recipes) -> Optional[tuple[str, ...]]:
     return (("spectral",) if "spn_ckpt" in needed else ()) + ("frobenius",)
 
 
-def _base_norms(base, cache, targets: Iterable[tuple], kinds: tuple[str, ...], device) -> int:
+def _base_norms(base, cache, targets: Iterable[tuple], kinds: tuple[str, ...], device) -> tuple[int, dict]:
     """Norms of every base layer the family's LoRAs touch, once, into the cache; returns how many were
-    computed. Layers the base lacks or shapes it does not match are left to each file's own error."""
+    computed and {layer cache key: norms} of them all. Layers the base lacks or shapes it does not match
+    are left to each file's own error."""
     from .norms import reference_norms
     from .norms_cache import layer_cache_key
 
@@ -506,14 +527,14 @@ def _base_norms(base, cache, targets: Iterable[tuple], kinds: tuple[str, ...], d
         if name in names and tuple(base.shape(name, offset)) == tuple(shape):
             wanted.append((name, offset))
     missing = [t for t in wanted if not _cached(cache, base.fingerprint, layer_cache_key(*t), kinds)]
-    if not missing:
-        return 0
-    try:
-        reference_norms(base, missing, kinds=kinds, device=device, cache=cache)
-    except LoraError as exc:  # a corrupt base layer: the sound ones are cached; each file using it fails
-        log.warning("%s", exc)
-    cache.save()
-    return len(missing)
+    if missing:
+        try:
+            reference_norms(base, missing, kinds=kinds, device=device, cache=cache)
+        except LoraError as exc:  # a corrupt base layer: the sound ones are cached; each file using it fails
+            log.warning("%s", exc)
+        cache.save()
+    keys = (layer_cache_key(*t) for t in wanted)
+    return len(missing), {key: values for key in keys if (values := cache.get(base.fingerprint, key)) is not None}
 
 
 def _cached(cache, fingerprint: str, key: str, kinds: tuple[str, ...]) -> bool:
@@ -525,7 +546,8 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
               jobs: int = 1, verbosity: int = 0,
               on_file: Optional[Callable[[str, int, int, list[Record]], None]] = None,
               progress: Optional[Progress] = None, quiet: bool = True, engine: Optional[Engine] = None,
-              passthrough: tuple[type, ...] = (), no_base_fix: str = "add --base {family}=PATH") -> Summary:
+              passthrough: tuple[type, ...] = (), no_base_fix: str = "add --base {family}=PATH",
+              runner=None) -> Summary:
     """The three passes (probe, base norms, resize); records appended as each file finishes.
 
     ``bases``: family -> base; ``"*"`` is the base of every family (ComfyUI's connected MODEL, where the
@@ -533,8 +555,9 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
     after each file of the "check" and "resize" passes (ComfyUI's progress bar and Cancel); ``progress``
     is each file's inner progress; ``no_base_fix`` is what a skipped record tells the user to do (a format
     string with ``{family}``). ``engine`` replaces the resize command's (in this process only, -j 1;
-    the batch then leaves base norms to it)."""
-    if engine is not None and jobs != 1:
+    the batch then leaves base norms to it). ``runner``: where files run (default: this process, or ``jobs``
+    spawned workers; ``core.batch_ray.RayRunner`` for a Ray cluster)."""
+    if engine is not None and (jobs != 1 or runner is not None):
         raise UsageError("a custom engine runs in this process only", fix="use one job")
     from tqdm import tqdm
 
@@ -544,7 +567,7 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
     texts = tuple(r.text for r in recipes)
     needs_base = {r.text for r in recipes if r.needs_base}
     summary = Summary()
-    runner = _Runner(jobs, verbosity)
+    runner = runner or _Runner(jobs, verbosity)
     bar = None
 
     def append(record: Record) -> None:
@@ -584,15 +607,22 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
             if write:
                 tasks.append(Task(item, found.sha256, found.family, runnable, write, base))
         kinds = _norm_kinds(recipes)
+        shared: dict[str, Any] = {}  # family -> its norms, as the runner hands them to workers
         if kinds is not None and engine is None:
             for family in dict.fromkeys(t.family for t in tasks if t.base is not None and t.base.path):
                 base, cache = _open(next(t.base for t in tasks if t.family == family))
                 targets = [target for t, found in zip(items, probes) if found.family == family
                            for target in found.targets]
-                summary.norms_computed[family] = _base_norms(base, cache, targets, kinds, settings.device)
+                summary.norms_computed[family], norms = _base_norms(base, cache, targets, kinds, settings.device)
+                if getattr(runner, "shares_norms", False):
+                    shared[family] = runner.put(norms)
         bar = tqdm(total=len(tasks), desc="resize", unit="file", disable=quiet, file=sys.stderr)
-        portable = [(_portable(task), settings) if runner.pool else
-                    (task, settings, progress, engine or core_engine, passthrough) for task in tasks]
+        if getattr(runner, "shares_norms", False):  # Ray: the norms come from the object store
+            work, calls = runner.task, [(_portable(t), settings, shared.get(t.family)) for t in tasks]
+        elif runner.pool:
+            work, calls = resize_file, [(_portable(t), settings) for t in tasks]
+        else:
+            work, calls = resize_file, [(t, settings, progress, engine or core_engine, passthrough) for t in tasks]
 
         resized = [0]  # tqdm counts nothing when disabled (-q): our own count for on_file
 
@@ -609,7 +639,7 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
             if on_file is not None:
                 on_file("resize", resized[0], len(tasks), records)
 
-        runner.map(resize_file, portable, finished)
+        runner.map(work, calls, finished)
     except BaseException:
         runner.close(interrupted=True)
         raise
@@ -661,15 +691,27 @@ def cmd_batch(args: argparse.Namespace) -> int:
     recipes = parse_recipes(args.score_recipes)
     if args.jobs < 1:
         raise UsageError(f"-j {args.jobs}: the number of worker processes is at least 1", fix="e.g. -j 2")
-    device = resolve_device(args.device)
+    if args.ray is None and args.gpus_per_task:
+        raise UsageError("--gpus-per-task is for Ray tasks", fix="add --ray, or use -d cuda")
+    if not (args.gpus_per_task >= 0):
+        raise UsageError(f"--gpus-per-task {args.gpus_per_task} is not a number of GPUs", fix="e.g. 1 or 0.5")
+    if args.ray is not None and args.gpus_per_task and args.device is None:
+        device = "cuda"  # the workers' GPU: this machine (the driver) may have none
+    else:
+        device = resolve_device(args.device)
     out = check_output_folder(args.output_folder, "output folder (-o)")
     items = collect_inputs(args.inputs, str(out))
     bases = parse_bases(args.base)
     settings = Settings(tuple(r.text for r in recipes), args.output_dtype, args.format,
                         None if device is None else str(device), args.arch)
     manifest = Manifest(args.manifest or os.path.join(out, MANIFEST_NAME))
+    runner = None
+    if args.ray is not None:
+        from .batch_ray import RayRunner
+
+        runner = RayRunner(args.ray or None, args.gpus_per_task)
     summary = run_batch(items, settings, bases, manifest, jobs=args.jobs, verbosity=args.verbose,
-                        quiet=args.quiet)
+                        quiet=args.quiet, runner=runner)
     norms = "".join(f"; base norms of {family}: {count} computed" for family, count in summary.norms_computed.items())
     print(f"{len(items)} files x {len(recipes)} recipes: {summary.line()}{norms}; manifest {manifest.path}",
           file=sys.stderr if summary.failed else sys.stdout)
@@ -689,6 +731,10 @@ def add_batch_parser(sub, handlers: dict[str, Callable], add_common: Callable) -
                    help="base checkpoint of a family (sd15, sdxl, flux); repeatable")
     p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (default 1: this process)")
     p.add_argument("--manifest", default=None, help=f"JSON Lines record of the batch (default OUT/{MANIFEST_NAME})")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the files as tasks on a Ray cluster (no address: a local one, or RAY_ADDRESS); "
+                   "paths must be the same on every node. Needs the [ray] extra")
+    p.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs Ray gives each task (with --ray)")
     p.add_argument("-t", "--output_dtype", default="16", choices=sorted(_DTYPES), help="output precision")
     p.add_argument("-d", "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("-f", "--format", default="kohya", choices=FORMATS, help=FORMAT_HELP)
