@@ -35,6 +35,11 @@ STYLES: dict[tuple[str, str], list[tuple[str, str, tuple[int, int] | None]]] = {
         ("lora_unet_vace_blocks_0_self_attn_k", "diffusion_model.vace_blocks.0.self_attn.k", None),
         ("lora_unet_vace_blocks_0_before_proj", "diffusion_model.vace_blocks.0.before_proj", None),
         ("lora_unet_blocks_0_self_attn_k", "diffusion_model.blocks.0.self_attn.k", None)],
+    ("wan", "diffusers"): [  # ComfyUI 0.3.64 maps none of these; read so that a converted file loads
+        ("transformer.blocks.0.attn1.to_q", "diffusion_model.blocks.0.self_attn.q", None),
+        ("transformer.blocks.1.attn2.add_k_proj", "diffusion_model.blocks.1.cross_attn.k_img", None),
+        ("transformer.blocks.1.attn2.to_out.0", "diffusion_model.blocks.1.cross_attn.o", None),
+        ("transformer.blocks.0.ffn.net.0.proj", "diffusion_model.blocks.0.ffn.0", None)],
     ("qwen_image", "musubi"): [
         ("lora_unet_transformer_blocks_0_attn_add_k_proj", "diffusion_model.transformer_blocks.0.attn.add_k_proj",
          None),
@@ -299,3 +304,31 @@ def test_generic_text_encoder_names_pass_through(tmp_path):
     keys = set(load_file(str(tmp_path / "wan_kohya.safetensors")))
     assert f"{te}.lora_up.weight" in keys and "lora_unet_blocks_0_self_attn_q.lora_up.weight" in keys
     assert math.isclose(float(load_file(str(tmp_path / "wan_kohya.safetensors"))[f"{te}.alpha"]), 2.0)
+
+
+def test_lumina_split_qkv_is_fused_with_grouped_query_heights(tmp_path):
+    """diffusers' Lumina 2 to_q (model width rows) and to_k/to_v (kv heads' rows) are slices of ComfyUI's
+    attention.qkv at rows 0, width and width + kv: written as one fused layer whose ΔW stacks the three."""
+    width, kv = 32, 16
+    tensors = {}
+    for i, (name, rows) in enumerate((("to_q", width), ("to_k", kv), ("to_v", kv))):
+        g = torch.Generator().manual_seed(i)
+        prefix = f"transformer.layers.0.attn.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(4, width, generator=g)
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(rows, 4, generator=g)
+    lora = lora_from_state_dict(tensors, {})
+    assert lora.architecture == "lumina2"
+    offsets = sorted(layer.offset for layer in lora)
+    assert offsets == [(0, 0, width), (0, width, kv), (0, width + kv, kv)]
+    out = tmp_path / "lumina_comfy.safetensors"
+    write_lora(lora, out, convention="comfy")
+    (fused,) = read_lora(out).layers.values()
+    assert fused.name == "diffusion_model.layers.0.attention.qkv" and fused.shape == (width + 2 * kv, width)
+    expected = torch.cat([tensors[f"transformer.layers.0.attn.{n}.lora_B.weight"]
+                          @ tensors[f"transformer.layers.0.attn.{n}.lora_A.weight"] for n in ("to_q", "to_k", "to_v")])
+    assert torch.allclose(delta_weight(fused).float(), expected, atol=1e-5)
+    del tensors["transformer.layers.0.attn.to_k.lora_A.weight"], tensors["transformer.layers.0.attn.to_k.lora_B.weight"]
+    del tensors["transformer.layers.0.attn.to_v.lora_A.weight"], tensors["transformer.layers.0.attn.to_v.lora_B.weight"]
+    with pytest.raises(LoraError, match="no known parts"):  # q alone: the kv heads' height is unknown
+        write_lora(lora_from_state_dict(tensors, {}), tmp_path / "q_only.safetensors", convention="comfy")
+    assert not (tmp_path / "q_only.safetensors").exists()

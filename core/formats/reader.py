@@ -226,7 +226,7 @@ def _build_layer(prefix: str, stored: Roles, arch: str, peft_alphas: "_PeftAlpha
     swapped = target.swaps(shape)
     if swapped:
         factors = swap_output_halves(kind, factors, label, prefix)
-    offset = None
+    offset = target.offset(shape)
     if target.part is not None:
         start_units, length_units = target.part
         if shape[0] % length_units:

@@ -442,11 +442,13 @@ def fuse_slices(name: str, group: list[Layer], arch: str) -> Layer:
     """Row-slice layers of one weight -> one layer of the whole weight, exactly (block-diagonal up)."""
     parts = naming.split_parts(name, arch, "peft")
     first = group[0]
-    if parts is None:
-        raise LoraError("row slices of a weight that has no known parts", layer=name,
-                        fix="write this LoRA in PEFT format")
-    unit = _named_part(first, parts)[1]
-    height = _units(parts) * unit
+    if parts is None:  # slices placed by rows alone (grouped-query q/k/v): the family knows the fused height
+        height = naming.fused_rows(name, arch, [layer.offset for layer in group], first.in_features)
+        if height is None:
+            raise LoraError("row slices of a weight that has no known parts", layer=name,
+                            fix="write this LoRA in PEFT format")
+    else:
+        height = _units(parts) * _named_part(first, parts)[1]
     shape = (height, *first.shape[1:])
     if any(layer.dora_scale is not None for layer in group):
         raise LoraError("DoRA on split q/k/v layers cannot be fused into one layer", layer=name,

@@ -8,7 +8,7 @@ Canonical names: ``diffusion_model.<the model's ComfyUI path>`` for the UNet/tra
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 from . import flux, unet_sd
 from .families import FAMILIES, Family, detect, family
@@ -90,6 +90,13 @@ def split_parts(name: str, arch: str, convention: str) -> Optional[Parts]:
     return fam.split_parts(name[len("diffusion_model."):], convention)
 
 
+def fused_rows(name: str, arch: str, offsets: Sequence[tuple[int, int, int]], columns: int) -> Optional[int]:
+    """Height of a fused weight whose row slices (``offsets``) are placed by rows alone, or None if unknown."""
+    if not name.startswith("diffusion_model."):
+        return None
+    return family(arch).fused_rows(name[len("diffusion_model."):], offsets, columns)
+
+
 def check_output(arch: str, convention: str) -> None:
     """Refuse an output convention ComfyUI cannot load for this architecture's family, naming both."""
     family(arch).check_output(convention)
@@ -123,4 +130,4 @@ def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str],
 
 
 __all__ = ["ARCHITECTURES", "Family", "Target", "check_output", "detect_architecture", "diffusers_family",
-           "diffusion_roots", "family", "from_canonical", "split_parts", "swapped_halves", "to_canonical"]
+           "diffusion_roots", "family", "from_canonical", "fused_rows", "split_parts", "swapped_halves", "to_canonical"]

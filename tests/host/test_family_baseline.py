@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from tests.host.family_loras import (
@@ -168,3 +170,57 @@ def test_pack_reads_and_converts(lora_files, conv, fmt, tmp_path, capsys):
     assert converted.unloaded == []
     assert patched_weights(converted) == patched_weights(source)
     assert max_relative_difference(host_delta(host, source), host_delta(host, converted)) < 1e-3
+
+
+# Styles the host refuses whose layers the pack places anyway (issue 9 deliverable 4): the sibling style the host
+# loads, written from the same seed over the same modules, gives the ΔW the converted file must apply.
+SIBLING = {("wan21_t2v", "diffusers"): "comfy", ("ltxv", "diffusers"): "comfy"}
+
+
+def _lumina_qkv_delta(state: dict) -> dict:
+    """ΔW of Lumina 2 diffusers' split q/k/v, stacked as ComfyUI's fused attention.qkv (q rows, then k, then v)."""
+    deltas = {}
+    for block in sorted({k.split(".")[2] for k in state}):
+        rows = [state[f"transformer.layers.{block}.attn.{p}.lora_B.weight"].float()
+                @ state[f"transformer.layers.{block}.attn.{p}.lora_A.weight"].float() for p in ("to_q", "to_k", "to_v")]
+        deltas[f"diffusion_model.layers.{block}.attention.qkv.weight"] = torch.cat(rows)
+    return deltas
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfy"])
+@pytest.mark.parametrize("conv", REFUSED, ids=_id)
+def test_pack_converts_what_the_host_refuses(lora_files, conv, fmt, tmp_path, capsys):
+    """Every layer of a style ComfyUI 0.3.64 cannot load is read, and the converted file loads with zero unloaded
+    keys, applying the ΔW the trainer's names mean."""
+    from core.cli import main
+
+    host, path, state = lora_files[(conv.family, conv.name)]
+    groups = {key.rsplit(".lora_", 1)[0] for key in state if ".lora_" in key}
+    assert _inspect_layers(path, capsys) == len(groups)
+    out = tmp_path / f"converted_{fmt}.safetensors"
+    assert main(["convert", str(path), "-o", str(out), "-f", fmt]) == 0
+    converted = host_load(host, out)
+    assert converted.unloaded == []
+    delta = host_delta(host, converted)
+    if (conv.family, conv.name) in SIBLING:
+        _, sibling_path, _ = lora_files[(conv.family, SIBLING[(conv.family, conv.name)])]
+        sibling = host_load(host, sibling_path)
+        assert patched_weights(converted) == patched_weights(sibling)
+        assert max_relative_difference(host_delta(host, sibling), delta) < 1e-3
+    elif conv.family == "lumina2":
+        expected = _lumina_qkv_delta(state)
+        assert patched_weights(converted) == set(expected)
+        assert max_relative_difference(expected, delta) < 1e-3
+    else:  # HunyuanVideo musubi: the host loads its attention keys itself and leaves the MLP's fc1/fc2
+        source = host_load(host, path)
+        expected = host_delta(host, source)
+        for key in source.unloaded:
+            m = re.fullmatch(r"lora_unet_double_blocks_(\d+)_(img|txt)_mlp_fc([12])\.lora_up\.weight", key)
+            if m:
+                prefix = key[: -len(".lora_up.weight")]
+                scale = float(state[f"{prefix}.alpha"]) / state[f"{prefix}.lora_down.weight"].shape[0]
+                weight = f"diffusion_model.double_blocks.{m[1]}.{m[2]}_mlp.{0 if m[3] == '1' else 2}.weight"
+                expected[weight] = state[key].float() @ state[f"{prefix}.lora_down.weight"].float() * scale
+        assert len(expected) == len(source.patches) + len(source.unloaded) // 3
+        assert patched_weights(converted) == set(expected)
+        assert max_relative_difference(expected, delta) < 1e-3

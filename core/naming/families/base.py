@@ -85,6 +85,10 @@ class Family:
         """The named row slices of a fused weight in a convention that names only its parts."""
         return None
 
+    def fused_rows(self, path: str, offsets: Sequence[tuple[int, int, int]], columns: int) -> Optional[int]:
+        """Height of a fused weight whose slices are placed by rows alone (``Target.rows_after``)."""
+        return None
+
     def swapped(self, path: str, convention: str, shape: Optional[tuple[int, ...]] = None) -> bool:
         """Whether ``convention`` names this weight by a module whose output halves are swapped."""
         return False
