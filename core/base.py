@@ -315,7 +315,7 @@ def _open_folder(path: str) -> SafetensorsBase:
         raise LoraError("not a diffusers folder (no unet/, transformer/ or text_encoder/ safetensors)", file=path,
                         fix="give a single .safetensors checkpoint or a diffusers model folder")
     arch = _folder_architecture(path, files)
-    pieces: dict[str, list[tuple[Piece, tuple[int, int] | None]]] = defaultdict(list)
+    pieces: dict[str, list[tuple[Piece, tuple[int, int]]]] = defaultdict(list)
     entries = {}
     fingerprints = []
     for sub, paths in files.items():
@@ -329,8 +329,10 @@ def _open_folder(path: str) -> SafetensorsBase:
                 if target is None:
                     continue
                 entries[(file, key)] = info
-                pieces[target.name].append(((file, key, None), target.part))
-    ordered = {name: [p for p, _ in sorted(items, key=lambda item: item[1][0] if item[1] else 0)]
+                # row order of the pieces: a part's start, or a grouped-query slice's (model width, own rows) rule
+                order = (target.part[0], 0) if target.part else target.rows_after or (0, 0)
+                pieces[target.name].append(((file, key, None), order))
+    ordered = {name: [p for p, _ in sorted(items, key=lambda item: item[1])]
                for name, items in pieces.items()}
     fingerprint = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:32]
     return SafetensorsBase(ordered, entries, path, fingerprint)

@@ -87,3 +87,20 @@ def test_base_aware_resize_of_a_wan_musubi_lora_reads_the_bare_base(tmp_path):
         (written,) = glob.glob(str(out / "*.safetensors"))
         assert all(k.startswith("lora_unet_blocks_") for k in load_file(written))
     assert 0 < ranks[1] < ranks[0] <= 8 * 8
+
+
+def test_lumina_diffusers_folder_assembles_grouped_query_qkv(tmp_path):
+    """Lumina 2's diffusers to_q/to_k/to_v (32, 16, 16 rows) stack as ComfyUI's attention.qkv in q, k, v order
+    (not the file's alphabetical k, q, v), and a LoRA's k slice reads the k rows."""
+    _transformer_folder(tmp_path, "Lumina2Transformer2DModel",
+                        {"layers.0.attn.to_k.weight": torch.full((16, 32), 2.0),
+                         "layers.0.attn.to_q.weight": torch.full((32, 32), 1.0),
+                         "layers.0.attn.to_v.weight": torch.full((16, 32), 3.0)})
+    base = open_base(str(tmp_path))
+    qkv = base.weight("diffusion_model.layers.0.attention.qkv")
+    assert qkv.shape == (64, 32)
+    assert [float(qkv[a:b].mean()) for a, b in ((0, 32), (32, 48), (48, 64))] == [1.0, 2.0, 3.0]
+    from core import naming
+
+    target = naming.to_canonical("transformer.layers.0.attn.to_k", "lumina2")
+    assert float(base.weight(target.name, target.offset((16, 32))).mean()) == 2.0
