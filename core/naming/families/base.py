@@ -40,6 +40,7 @@ class Family:
     encoder_out: ClassVar[Mapping[str, Mapping[str, str]]] = {}  # convention -> encoder -> key prefix
     outputs: ClassVar[tuple[str, ...]] = ("kohya", "comfy")  # conventions ComfyUI 0.3.64 loads for it
     diffusers_classes: ClassVar[tuple[str, ...]] = ()  # diffusers ``_class_name`` of its transformer/unet
+    unloadable: ClassVar[str] = "it has no key map for them"  # why the host cannot load the refused conventions
 
     def __init__(self) -> None:
         self._vocabulary = Vocabulary(ATOMS + self.atoms)
@@ -98,8 +99,8 @@ class Family:
         if convention in ("keep",) or convention in self.outputs:
             return
         loads = " or ".join(f"-f {c}" for c in self.outputs)
-        raise LoraError(f"ComfyUI 0.3.64 cannot load {self.title} LoRAs in {convention} (diffusers) names: it has "
-                        f"no key map for them", fix=f"write it with {loads} (both load in ComfyUI)")
+        raise LoraError(f"ComfyUI 0.3.64 cannot load {self.title} LoRAs in {convention} (diffusers) names: "
+                        f"{self.unloadable}", fix=f"write it with {loads} (both load in ComfyUI)")
 
     # --- detection -------------------------------------------------------------------------------
 

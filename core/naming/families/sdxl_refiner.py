@@ -19,6 +19,7 @@ class SDXLRefiner(SD15):
     encoders = {"lora_te_": "clip_g", "lora_te1_": "clip_g", "lora_te2_": "clip_g", "text_encoder.": "clip_g"}
     encoder_out = {"kohya": {"clip_g": "lora_te_"}, "peft": {"clip_g": "text_encoder."}}
     outputs = ("kohya", "comfy")
+    unloadable = "it maps their diffusers attention keys only as ...processor.to_q"
     diffusers_classes = ("StableDiffusionXLImg2ImgPipeline",)
     kohya_diffusers = False
 
