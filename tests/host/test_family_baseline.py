@@ -224,3 +224,22 @@ def test_pack_converts_what_the_host_refuses(lora_files, conv, fmt, tmp_path, ca
         assert len(expected) == len(source.patches) + len(source.unloaded) // 3
         assert patched_weights(converted) == set(expected)
         assert max_relative_difference(expected, delta) < 1e-3
+
+
+@pytest.mark.parametrize("conv", LOADED, ids=_id)
+def test_keep_all_resize_without_a_base_loads_in_the_host(lora_files, conv, tmp_path):
+    """``resize - LORA -r rank=4`` (every rank kept, written in fp32) gives a kohya file the host loads with zero
+    unloaded keys, patching the same weights with the source's ΔW (each layer re-factored by its SVD)."""
+    import glob
+
+    from core.cli import main
+
+    host, path, _ = lora_files[(conv.family, conv.name)]
+    source = host_load(host, path)
+    out = tmp_path / "out"
+    assert main(["resize", "-", str(path), "-o", str(out), "-r", "rank=4", "-t", "32"]) == 0
+    (written,) = glob.glob(str(out / "*.safetensors"))
+    resized = host_load(host, written)
+    assert resized.unloaded == []
+    assert patched_weights(resized) == patched_weights(source)
+    assert max_relative_difference(host_delta(host, source), host_delta(host, resized)) < 1e-5
