@@ -108,7 +108,7 @@ def table_rows(records: list[dict], root: str, loras: str, now: set) -> list[dic
                      "mib_before": _mib(os.path.getsize(source)) if os.path.exists(source) else None,
                      "mib_after": _mib(record.get("bytes")),
                      "error": (f"{100 * record['relative_error']:.2f}%" if record.get("relative_error") is not None
-                               else record.get("error") or ""),
+                               else (record.get("error") or "").removeprefix(source + ": ")),  # the row names it
                      "output": os.path.relpath(record["output"], loras) if record.get("output") else ""})
     return rows
 

@@ -42,11 +42,14 @@ function drawTable(ctx, node, table) {
     const y = top + HEADER + i * ROW + 6;
     const mib = row.mib_after === null || row.mib_after === undefined ? "" :
       `${row.mib_before} → ${row.mib_after}`;
-    const cells = [row.file, row.status, row.ranks, mib, row.error];
-    ctx.fillStyle = row.status === "failed" ? "#e77" : row.status.startsWith("done") ? "#ddd" : "#aaa";
+    const done = row.status.startsWith("done");
+    // a row that failed or was skipped has no numbers: its reason gets their columns too
+    const cells = done ? [row.file, row.status, row.ranks, mib, row.error] : [row.file, row.status, row.error];
+    const shares = done ? columns.map((c) => c[1]) : [columns[0][1], columns[1][1], 1 - columns[0][1] - columns[1][1]];
+    ctx.fillStyle = row.status === "failed" ? "#e77" : done ? "#ddd" : "#aaa";
     let cx = 10;
     cells.forEach((cell, c) => {
-      const w = columns[c][1] * width;
+      const w = shares[c] * width;
       ctx.fillText(clip(ctx, cell, w - 4), cx, y);
       cx += w;
     });

@@ -61,7 +61,8 @@ def test_folder_node_writes_the_good_reports_the_bad_and_skips_what_is_done(comf
     assert set(rows) == {"first.safetensors", os.path.join("sub", "second.safetensors"), "broken.safetensors",
                          "sd15_other.safetensors"}
     broken = rows["broken.safetensors"]
-    assert broken["status"] == "failed" and "broken.safetensors" in broken["error"]
+    assert broken["status"] == "failed" and "Fix:" in broken["error"] and not broken["error"].startswith("/")
+    assert f"broken.safetensors [{RECIPE}]: failed: {broken['error']}" in report
     other = rows["sd15_other.safetensors"]
     assert other["status"] == "failed" and "SD15" in other["error"] and "SDXL" in other["error"]
     written = sorted((loras / "resized").rglob("*.safetensors"))
@@ -143,8 +144,7 @@ def test_folder_node_through_prompt_on_a_real_server(server, comfy_hosts):
         _zero_unloaded(host, path)
     outputs = next(iter(entry["outputs"].values()))
     rows = {row["file"]: row for row in outputs["lora_resize_folder"][0]["rows"]}
-    assert rows["broken.safetensors"]["status"] == "failed"
-    assert "broken.safetensors" in rows["broken.safetensors"]["error"]
+    assert rows["broken.safetensors"]["status"] == "failed" and "Fix:" in rows["broken.safetensors"]["error"]
     assert rows["sd15_other.safetensors"]["status"] == "failed"
     # LoraLoader lists the new files at once (the list was refreshed)
     info = server["requests"].get(f"{server['url']}/object_info/LoraLoader", timeout=10).json()
