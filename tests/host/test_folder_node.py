@@ -150,3 +150,20 @@ def test_folder_node_through_prompt_on_a_real_server(server, comfy_hosts):
     info = server["requests"].get(f"{server['url']}/object_info/LoraLoader", timeout=10).json()
     names = info["LoraLoader"]["input"]["required"]["lora_name"][0]
     assert "resized_library/first_frockpt1_th-3.5.safetensors" in [n.replace("\\", "/") for n in names]
+
+
+def test_without_a_model_base_recipes_are_skipped_with_the_reason_and_others_run(comfy_hosts, pack,  # noqa: F811
+                                                                                 folders):  # noqa: F811
+    loras, _ = folders
+    host = comfy_hosts["sdxl"]()
+    _library(loras, host)
+    node = pack.nodes.NODE_CLASS_MAPPINGS["LoraResize_ResizeLoRAFolder"]()
+    out = node.run("library", "*.safetensors", f"{RECIPE}:rank=2", "resized", "kohya", "fp16")
+    rows = out["ui"]["lora_resize_folder"][0]["rows"]
+    skipped = [row for row in rows if row["status"] == "skipped"]
+    assert sorted(row["file"] for row in skipped) == ["first.safetensors", "sd15_other.safetensors",
+                                                      os.path.join("sub", "second.safetensors")]
+    assert all(row["recipe"] == RECIPE and "connect the MODEL" in row["error"] for row in skipped)
+    done = sorted(row["file"] for row in rows if row["status"] == "done")
+    assert done == ["first.safetensors", "sd15_other.safetensors", os.path.join("sub", "second.safetensors")]
+    assert len(list((loras / "resized").rglob("*_rank2.safetensors"))) == 3
