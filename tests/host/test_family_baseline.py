@@ -243,3 +243,38 @@ def test_keep_all_resize_without_a_base_loads_in_the_host(lora_files, conv, tmp_
     assert resized.unloaded == []
     assert patched_weights(resized) == patched_weights(source)
     assert max_relative_difference(host_delta(host, source), host_delta(host, resized)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def base_files(lora_files, tmp_path_factory):
+    """Each tiny model saved as a ComfyUI single file (``model.diffusion_model.`` + ``text_encoders.``)."""
+    from tests.host.family_models import host_state
+
+    folder = tmp_path_factory.mktemp("family_bases")
+    files = {}
+    for family in {c.family for c in LOADED}:
+        host = lora_files[next((c.family, c.name) for c in LOADED if c.family == family)][0]
+        tensors = {(f"model.{k}" if k.startswith("diffusion_model.") else f"text_encoders.{k}"): v.contiguous()
+                   for k, v in host_state(host).items() if v.is_floating_point()}
+        files[family] = folder / f"{family}_base.safetensors"
+        save_file(tensors, str(files[family]))
+    return files
+
+
+@pytest.mark.parametrize("conv", LOADED, ids=_id)
+def test_base_aware_resize_matches_every_layer_to_the_base(lora_files, base_files, conv, tmp_path):
+    """``resize BASE LORA -r fro_ckpt=1,thr=-10``: every layer is matched to its weight in the family's ComfyUI
+    single file (a layer without one is an error, exit 1), and the file loads in the host like its source."""
+    import glob
+
+    from core.cli import main
+
+    host, path, _ = lora_files[(conv.family, conv.name)]
+    out = tmp_path / "out"
+    assert main(["resize", str(base_files[conv.family]), str(path), "-o", str(out), "-r", "fro_ckpt=1,thr=-10",
+                 "-t", "32"]) == 0
+    (written,) = glob.glob(str(out / "*.safetensors"))
+    source, resized = host_load(host, path), host_load(host, written)
+    assert resized.unloaded == []
+    assert patched_weights(resized) == patched_weights(source)
+    assert max_relative_difference(host_delta(host, source), host_delta(host, resized)) < 1e-5
