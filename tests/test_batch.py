@@ -227,7 +227,10 @@ def test_ctrl_c_exits_130_leaves_no_partial_file_and_resumes(reference, tmp_path
     out = tmp_path / "out"
     proc = _start(lib, out, base, "-j", "2")
     _wait_first_done(proc, out / MANIFEST_NAME)
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    os.killpg(proc.pid, signal.SIGSTOP)  # frozen mid-run; Ctrl-C (to the whole group, as a terminal sends
+    assert _done_count(out / MANIFEST_NAME) < DONE_PAIRS  # it) is delivered the moment it resumes
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err
