@@ -728,7 +728,8 @@ def add_batch_parser(sub, handlers: dict[str, Callable], add_common: Callable) -
     p.add_argument("-o", "--output_folder", required=True, help="outputs mirror the input tree here")
     p.add_argument("-r", "--score_recipes", default=DEFAULT_RECIPE, help="recipes separated by ':'")
     p.add_argument("--base", action="append", default=[], metavar="FAMILY=PATH",
-                   help="base checkpoint of a family (sd15, sdxl, flux); repeatable")
+                   help="base checkpoint of a model family (sd15, sdxl, flux ...: the names --arch lists); "
+                   "repeatable")
     p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (default 1: this process)")
     p.add_argument("--manifest", default=None, help=f"JSON Lines record of the batch (default OUT/{MANIFEST_NAME})")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
