@@ -247,31 +247,44 @@ def test_keep_all_resize_without_a_base_loads_in_the_host(lora_files, conv, tmp_
 
 @pytest.fixture(scope="module")
 def base_files(lora_files, tmp_path_factory):
-    """Each tiny model saved as a ComfyUI single file (``model.diffusion_model.`` + ``text_encoders.``)."""
+    """Each tiny model saved as a ComfyUI single file (``model.diffusion_model.`` + ``text_encoders.``) and as a
+    bare diffusion-model file (UNETLoader's kind: the model's own keys, no encoders)."""
     from tests.host.family_models import host_state
 
     folder = tmp_path_factory.mktemp("family_bases")
     files = {}
     for family in {c.family for c in LOADED}:
         host = lora_files[next((c.family, c.name) for c in LOADED if c.family == family)][0]
-        tensors = {(f"model.{k}" if k.startswith("diffusion_model.") else f"text_encoders.{k}"): v.contiguous()
-                   for k, v in host_state(host).items() if v.is_floating_point()}
-        files[family] = folder / f"{family}_base.safetensors"
-        save_file(tensors, str(files[family]))
+        state = {k: v.contiguous() for k, v in host_state(host).items() if v.is_floating_point()}
+        single = {(f"model.{k}" if k.startswith("diffusion_model.") else f"text_encoders.{k}"): v
+                  for k, v in state.items()}
+        bare = {k[len("diffusion_model."):]: v for k, v in state.items() if k.startswith("diffusion_model.")}
+        for layout, tensors in (("single", single), ("bare", bare)):
+            files[(family, layout)] = folder / f"{family}_{layout}.safetensors"
+            save_file(tensors, str(files[(family, layout)]))
     return files
 
 
-@pytest.mark.parametrize("conv", LOADED, ids=_id)
-def test_base_aware_resize_matches_every_layer_to_the_base(lora_files, base_files, conv, tmp_path):
+def _base_cases():
+    for c in LOADED:
+        yield pytest.param(c, "single", id=f"{_id(c)}-single")
+        if (c.family, c.name) not in (("sd3", "kohya"), ("sdxl_refiner", "kohya")):  # encoders: not in a bare file
+            yield pytest.param(c, "bare", id=f"{_id(c)}-bare")
+
+
+@pytest.mark.parametrize("conv, layout", list(_base_cases()))
+def test_base_aware_resize_matches_every_layer_to_the_base(lora_files, base_files, conv, layout, tmp_path):
     """``resize BASE LORA -r fro_ckpt=1,thr=-10``: every layer is matched to its weight in the family's ComfyUI
-    single file (a layer without one is an error, exit 1), and the file loads in the host like its source."""
+    single file or bare diffusion-model file (a layer without one is an error, exit 1), and the file loads in the
+    host like its source."""
     import glob
 
     from core.cli import main
 
     host, path, _ = lora_files[(conv.family, conv.name)]
     out = tmp_path / "out"
-    assert main(["resize", str(base_files[conv.family]), str(path), "-o", str(out), "-r", "fro_ckpt=1,thr=-10",
+    base = base_files[(conv.family, layout)]
+    assert main(["resize", str(base), str(path), "-o", str(out), "-r", "fro_ckpt=1,thr=-10",
                  "-t", "32"]) == 0
     (written,) = glob.glob(str(out / "*.safetensors"))
     source, resized = host_load(host, path), host_load(host, written)
