@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.batch import collect_inputs
+from core.batch import collect_inputs, parse_bases
 from core.cli import main
 from core.errors import UsageError
 from core.formats import read_lora
@@ -301,7 +301,11 @@ def test_inputs_refused_up_front(reference, tmp_path):
         collect_inputs([str(one), str(two)], str(out))
     assert main(["batch", str(one), str(two), "-o", str(out), "-r", "rank=2", "-q"]) == 2
     assert main(["batch", str(lib / "nothing*.safetensors"), "-o", str(out), "-q"]) == 2
-    assert main(["batch", str(lib), "-o", str(out), "--base", "sd3=x", "-q"]) == 2
+    with pytest.raises(UsageError, match="unknown family 'nosuch'"):
+        parse_bases(["nosuch=x"])
+    with pytest.raises(UsageError, match="checkpoint not found"):
+        parse_bases([f"sd15={lib / 'missing.safetensors'}"])
+    assert main(["batch", str(lib), "-o", str(out), "--base", "nosuch=x", "-q"]) == 2
     assert main(["batch", str(lib), "-o", str(out), "-j", "0", "-q"]) == 2
     assert not out.exists()  # nothing made before the command line is known good
     inside = lib / "sd15" / "a" / "resized"  # an output folder inside an input folder is never read as input
