@@ -76,7 +76,31 @@ def rebuild_layer(item: Decomposed, mask: torch.Tensor, rescale: float = 1.0,
         up = up.reshape(*up.shape, 1, 1)
     up = checked_cast(up, dtype, layer=item.key, what="the rebuilt up factor", cause=_OVERFLOW)
     down = checked_cast(down, dtype, layer=item.key, what="the rebuilt down factor", cause=_OVERFLOW)
-    return _rebuilt(item.layer, {"up": up, "down": down}, kept)
+    layer = _rebuilt(item.layer, {"up": up, "down": down}, kept)
+    if rescale != 1.0 and layer.bias_diff is not None:
+        layer.bias_diff = scaled_bias(item, rescale)
+    return layer
+
+
+def scaled_bias(item: Decomposed, rescale: float) -> torch.Tensor:
+    """The layer's bias diff times ``rescale`` (ComfyUI's strength scales it with ΔW), in its own dtype."""
+    bias = item.layer.bias_diff
+    return checked_cast(bias.float() * rescale, bias.dtype, layer=item.key, what="the rescaled bias diff",
+                        cause="rescale made it overflow its dtype")
+
+
+def carried_biases(items: Sequence[Decomposed], masks: Mapping[str, torch.Tensor], rescale: float = 1.0
+                   ) -> dict[str, torch.Tensor]:
+    """Bias diffs of layers that keep no singular value: written alone (``<key>.diff_b``, which ComfyUI
+    applies on its own), so dropping a layer's low-rank part never silently drops its bias change too."""
+    carried = {}
+    for item in items:
+        if item.layer.bias_diff is None or int(masks[item.key].sum()) > 0:
+            continue
+        suffix = (item.layer.suffixes or {}).get("diff_b", ".diff_b")
+        bias = item.layer.bias_diff if rescale == 1.0 else scaled_bias(item, rescale)
+        carried[(item.layer.source_key or item.key) + suffix] = bias
+    return carried
 
 
 def _rebuilt(source: Layer, factors: dict[str, torch.Tensor], rank: int) -> Layer:
@@ -223,6 +247,7 @@ def apply_recipe(items: Sequence[Decomposed], recipe: Recipe, refs: Mapping[str,
         if not layers:
             return 0
         draft = _derived(template, layers)
+        draft.passthrough.update(carried_biases(items, masks))
         extra = {"threshold": _THRESHOLD_PLACEHOLDER, "notes": notes}
         return encoded_size(draft, convention=convention, dtype=dtype, operation=operation, recipe=recipe.text,
                             sources=sources, extra_provenance=extra)
@@ -273,7 +298,12 @@ def _result(items, recipe: Recipe, refs, selection: Selection, template: LoraFil
         if rebuilt is not None:
             layers[item.key] = rebuilt
         rows.append(_report_row(item, mask, recipe, refs.get(item.key)))
-    return ResizeResult(recipe, _derived(template, layers), selection.threshold, rows)
+    result = ResizeResult(recipe, _derived(template, layers), selection.threshold, rows)
+    carried = carried_biases(items, selection.masks, recipe.rescale)
+    if carried:
+        result.lora.passthrough.update(carried)
+        result.notes.append(f"{len(carried)} layers keep no singular value; their bias diffs are kept alone")
+    return result
 
 
 def _report_row(item: Decomposed, mask: torch.Tensor, recipe: Recipe, refs: Optional[References]) -> dict:

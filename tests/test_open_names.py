@@ -254,3 +254,38 @@ def _whole(lora):
         groups.setdefault(layer.name, []).append(layer)
     return {n: group[0] if group[0].offset is None else fuse_slices(n, group, lora.architecture)
             for n, group in groups.items()}
+
+
+def _bias_file(tmp_path):
+    """Two layers with bias diffs (lightx2v style): one strong, one whose σ are a thousandth of it."""
+    tensors = {}
+    for name, gain in (("diffusion_model.blocks.0.ffn.0", 1.0), ("diffusion_model.blocks.0.ffn.2", 1e-3)):
+        tensors[f"{name}.lora_down.weight"] = _rand(4, 24)
+        tensors[f"{name}.lora_up.weight"] = _rand(32, 4) * gain
+        tensors[f"{name}.diff_b"] = _rand(32, dtype=torch.bfloat16)
+    path = tmp_path / "biased.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+@pytest.mark.parametrize("rescale", [1.0, 2.0])
+def test_a_layer_that_keeps_nothing_keeps_its_bias_diff(tmp_path, capsys, rescale):
+    """err=1 drops the weak layer's whole low-rank part (0.1 % of the energy); its .diff_b is still written,
+    alone (ComfyUI applies a lone diff_b), scaled like ΔW by rescale=, and counted by size=."""
+    path, tensors = _bias_file(tmp_path)
+    out = tmp_path / "out"
+    recipe = "err=1" + ("" if rescale == 1.0 else f",rescale={rescale:g}")
+    assert main(["-", str(path), "-o", str(out), "-r", recipe, "-t", "32"]) == 0
+    (written_path,) = out.glob("*.safetensors")
+    written = _stored(written_path)
+    weak = "diffusion_model.blocks.0.ffn.2"
+    assert f"{weak}.lora_down.weight" not in written  # its low-rank part was dropped
+    bias = written[f"{weak}.diff_b"]
+    if rescale == 1.0:
+        assert _bytes_equal(bias, tensors[f"{weak}.diff_b"])
+    else:
+        assert torch.equal(bias, (tensors[f"{weak}.diff_b"].float() * 2).to(torch.bfloat16))
+        kept = written["lora_unet_blocks_0_ffn_0.diff_b"] if "lora_unet_blocks_0_ffn_0.diff_b" in written else \
+            written["diffusion_model.blocks.0.ffn.0.diff_b"]
+        assert torch.equal(kept, (tensors["diffusion_model.blocks.0.ffn.0.diff_b"].float() * 2).to(torch.bfloat16))
+    assert "bias diffs are kept alone" in capsys.readouterr().out + "".join(read_lora(written_path).metadata.values())
