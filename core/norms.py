@@ -102,6 +102,15 @@ def _lanczos_top(w: torch.Tensor, rtol: float, seed: int) -> tuple[Optional[floa
     return None, 0.0
 
 
+# Bumped when a norm's algorithm changes what it returns: entries cached by an older one are never read.
+# 2: spectral norms are checked against σ₂ (small layers exact, close Ritz values rerun from a second start).
+NORMS_VERSION = 2
+
+
+def cache_id(base: BaseWeights) -> str:
+    return base.fingerprint if NORMS_VERSION == 1 else f"{base.fingerprint}|norms{NORMS_VERSION}"
+
+
 def frobenius_norm(weight: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(weight.to(torch.float32)))
 
@@ -128,7 +137,7 @@ def reference_norms(base: BaseWeights, targets: Iterable[tuple[str, Offset]], *,
     out: dict[tuple[str, Offset], dict] = {}
     todo = []
     for target in targets:
-        cached = cache.get(base.fingerprint, layer_cache_key(*target)) if cache is not None else None
+        cached = cache.get(cache_id(base), layer_cache_key(*target)) if cache is not None else None
         if cached is not None and _finite(cached, kinds):
             out[target] = cached
         else:
@@ -161,7 +170,7 @@ def reference_norms(base: BaseWeights, targets: Iterable[tuple[str, Offset]], *,
                 corrupt.append(exc)
             else:
                 if cache is not None:
-                    cache.put(base.fingerprint, layer_cache_key(*target), values)
+                    cache.put(cache_id(base), layer_cache_key(*target), values)
             if progress:
                 progress(done, len(todo))  # may raise to cancel (ComfyUI's interrupt)
     finally:

@@ -43,7 +43,7 @@ from core.errors import LoraError
 from core.formats import read_lora, write_lora
 from core.merge import merge
 from core.model import LoraFile
-from core.norms import frobenius_norm, reference_norms
+from core.norms import cache_id, frobenius_norm, reference_norms
 from core.norms_cache import CACHE_NAME, NormCache
 from core.recipe import Recipe
 from core.resize import apply_recipe, reference_table, resize
@@ -117,9 +117,9 @@ def test_a_non_finite_base_layer_is_never_cached_and_the_sound_ones_are(tmp_path
     with pytest.raises(LoraError, match="holds 1 NaN") as info:
         reference_norms(base, targets, cache=cache)
     assert info.value.file == path and info.value.layer == POKED_KEY
-    assert cache.get(base.fingerprint, POKED_NAME) is None
+    assert cache.get(cache_id(base), POKED_NAME) is None
     cache.save()
-    stored = json.loads((tmp_path / CACHE_NAME).read_text())[base.fingerprint]
+    stored = json.loads((tmp_path / CACHE_NAME).read_text())[cache_id(base)]
     assert POKED_NAME not in stored and sorted(stored) == sorted(others)
     assert all(math.isfinite(v) for values in stored.values() for v in values.values())
 
@@ -128,8 +128,8 @@ def test_a_nan_that_an_older_version_cached_is_recomputed_not_trusted(tmp_path):
     path = str(tmp_path / "base.safetensors")
     shutil.copy(BASE, path)
     base = open_base(path)
-    (tmp_path / CACHE_NAME).write_text(json.dumps({base.fingerprint: {POKED_NAME: {"frobenius": float("nan"),
-                                                                                   "spectral": float("nan")}}}))
+    (tmp_path / CACHE_NAME).write_text(json.dumps({cache_id(base): {POKED_NAME: {"frobenius": float("nan"),
+                                                                                 "spectral": float("nan")}}}))
     norms = reference_norms(base, [(POKED_NAME, None)], cache=NormCache.for_checkpoint(path))[(POKED_NAME, None)]
     expected = frobenius_norm(load_file(BASE)[POKED_KEY])
     assert abs(norms["frobenius"] - expected) <= 1e-6 * expected and math.isfinite(norms["spectral"])

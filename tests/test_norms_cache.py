@@ -160,3 +160,19 @@ def test_a_killed_savers_temp_is_swept_by_the_next_cache(tmp_path):
     cache.put("fp", "a", {"frobenius": 1.0})
     assert cache.save()
     assert sorted(os.listdir(tmp_path)) == [CACHE_NAME, CACHE_NAME + ".lock"]
+
+
+def test_norms_cached_by_an_older_algorithm_are_not_read(tmp_path):
+    """NORMS_VERSION bumps when a norm's algorithm changes its answers (2: spectral norms checked against σ₂):
+    a cache written under the bare fingerprint by version 1 holds values that are never read again."""
+    from core.norms import NORMS_VERSION, cache_id
+
+    path = tmp_path / "base.safetensors"
+    save_file({"model.diffusion_model.x.weight": torch.randn(300, 300, generator=torch.Generator().manual_seed(1))},
+              str(path))
+    base = open_base(str(path))
+    name = next(iter(base.names()))
+    (tmp_path / CACHE_NAME).write_text(json.dumps({base.fingerprint: {name: {"spectral": 123.0, "frobenius": 456.0}}}))
+    norms = reference_norms(base, [(name, None)], cache=NormCache.for_checkpoint(str(path)))[(name, None)]
+    assert NORMS_VERSION >= 2 and cache_id(base) != base.fingerprint
+    assert norms["spectral"] != 123.0 and norms["frobenius"] != 456.0
