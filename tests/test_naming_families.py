@@ -212,6 +212,10 @@ def test_detection_by_metadata_and_width():
     assert naming.detect_architecture(names, {}, {n: (1536, 1536) for n in names}) == "sd3"
     assert naming.detect_architecture(names, {"modelspec.architecture": "qwen-image/lora"},
                                       {n: (3072, 3072) for n in names}) == "qwen_image"
+    # attention-only diffusers names at Flux's width: a block past Flux's 19 double blocks is Qwen-Image's
+    deep = names + ["transformer.transformer_blocks.40.attn.to_add_out"]
+    assert naming.detect_architecture(deep, {}, {n: (3072, 3072) for n in deep}) == "qwen_image"
+    assert naming.detect_architecture(deep, {}, {n: (2432, 2432) for n in deep}) == "sd3"  # SD3.5 Large: 38 blocks
     # an SDXL base file (two encoders) is never the Refiner, an SD1.5 one (level-0 attention) neither
     assert naming.detect_architecture(["lora_te1_text_model_encoder_layers_0_mlp_fc1",
                                        "lora_unet_up_blocks_2_attentions_0_proj_in"], {}) != "sdxl_refiner"
