@@ -42,7 +42,8 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("text_encoders.t5xxl.transformer.", "t5xxl.transformer."),
     ("diffusion_model.", "diffusion_model."),
 )
-_OPENCLIP = re.compile(r"conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.(.+)")
+# OpenCLIP bigG: embedder 1 in SDXL base (after CLIP-L), embedder 0 in the SDXL Refiner (its only encoder)
+_OPENCLIP = re.compile(r"conditioner\.embedders\.[01]\.model\.transformer\.resblocks\.(\d+)\.(.+)")
 _OPENCLIP_PARTS = {"attn.out_proj.weight": "self_attn.out_proj", "mlp.c_fc.weight": "mlp.fc1",
                    "mlp.c_proj.weight": "mlp.fc2"}
 _QKV = ("q_proj", "k_proj", "v_proj")  # OpenCLIP's in_proj rows are q, k, v in this order

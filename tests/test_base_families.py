@@ -104,3 +104,21 @@ def test_lumina_diffusers_folder_assembles_grouped_query_qkv(tmp_path):
 
     target = naming.to_canonical("transformer.layers.0.attn.to_k", "lumina2")
     assert float(base.weight(target.name, target.offset((16, 32))).mean()) == 2.0
+
+
+def test_sdxl_refiner_single_file_reads_its_clip_g(tmp_path):
+    """The Refiner's only encoder is OpenCLIP bigG at conditioner.embedders.0 (SDXL base has it at 1): its fused
+    in_proj gives CLIP-G's q/k/v, which a Refiner LoRA's lora_te_ layers change."""
+    path = tmp_path / "refiner.safetensors"
+    in_proj = torch.cat([torch.full((8, 8), float(i + 1)) for i in range(3)])
+    save_file({"conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": in_proj,
+               "model.diffusion_model.output_blocks.2.1.conv.weight": torch.ones(8, 8, 3, 3)}, str(path))
+    base = open_base(str(path))
+    root = "clip_g.transformer.text_model.encoder.layers.0.self_attn"
+    assert base.names() == {f"{root}.{p}" for p in ("q_proj", "k_proj", "v_proj")} | {
+        "diffusion_model.output_blocks.2.1.conv"}
+    assert float(base.weight(f"{root}.k_proj").mean()) == 2.0
+    from core import naming
+
+    assert naming.to_canonical("lora_te_text_model_encoder_layers_0_self_attn_k_proj", "sdxl_refiner").name == \
+        f"{root}.k_proj"
