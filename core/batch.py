@@ -247,10 +247,11 @@ class Probe:
     error: Optional[str] = None
 
 
-def probe(path: str, arch: Optional[str], done: Sequence[Record], recipes: int) -> Probe:
+def probe(path: str, arch: Optional[str], done: Sequence[Record], recipes: int, read: bool = True) -> Probe:
     """Hash the input; recipes whose ``done`` record still holds need nothing more (when that is all
-    ``recipes`` of them, the file is not even read). Otherwise read the LoRA (a bad file fails here) for
-    its family and the base layers it touches."""
+    ``recipes`` of them, the file is not even read). Otherwise, with ``read``, read the LoRA (a bad file
+    fails here) for its family and the base layers it touches; without (ComfyUI's one base for every
+    family), the resize pass reads it, once."""
     from .formats import read_lora
     from .metadata import file_sha256
 
@@ -261,6 +262,8 @@ def probe(path: str, arch: Optional[str], done: Sequence[Record], recipes: int) 
         found.verified = [r["recipe"] for r in held]
         if held and len(held) == recipes:
             found.family = held[0].get("family")
+            return found
+        if not read:
             return found
         lora = read_lora(path, arch=arch)
         found.family = lora.architecture
@@ -577,8 +580,9 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
 
     try:
         probes: list[Optional[Probe]] = [None] * len(items)
-        calls = [(item.path, settings.arch, _done_records(manifest, item, texts, settings, bases), len(texts))
-                 for item in items]
+        read = engine is None  # a family to match and base norms to compute (a custom engine has its own base)
+        calls = [(item.path, settings.arch, _done_records(manifest, item, texts, settings, bases), len(texts),
+                  read) for item in items]
         bar = tqdm(total=len(items), desc="check", unit="file", disable=quiet, file=sys.stderr, leave=False)
 
         def probed(index: int, found: Probe) -> None:
@@ -669,9 +673,9 @@ def _done_records(manifest: Manifest, item: Item, texts: Sequence[str], settings
 
 
 def _no_base(family: Optional[str], recipe: str, fix: str) -> str:
-    return (f"recipe {recipe!r} compares with the base checkpoint, and no base was given for this LoRA's family "
-            f"({family or 'unknown'}). Fix: {fix.format(family=family or 'FAMILY')}, or use a recipe that needs "
-            "no base")
+    which = f" for this LoRA's family ({family})" if family else ""
+    return (f"recipe {recipe!r} compares with the base checkpoint, and no base was given{which}. "
+            f"Fix: {fix.format(family=family or 'FAMILY')}, or use a recipe that needs no base")
 
 
 def _line(record: Record) -> str:

@@ -117,7 +117,7 @@ def test_cancel_between_files_leaves_nothing_partial_and_the_next_run_finishes(c
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
-    assert calls and calls[0][1] == 3  # files to resize: the truncated one already failed its check
+    assert calls and calls[0][1] == 4  # files to resize (each read once, there: the truncated one fails then)
     written = sorted((loras / "resized").rglob("*.safetensors"))
     assert len(written) <= 1  # the first file at most: the run stopped there
     assert [p for p in (loras / "resized").rglob(".*") if p.is_file()] == []  # no temp, nothing partial
@@ -161,9 +161,11 @@ def test_without_a_model_base_recipes_are_skipped_with_the_reason_and_others_run
     out = node.run("library", "*.safetensors", f"{RECIPE}:rank=2", "resized", "kohya", "fp16")
     rows = out["ui"]["lora_resize_folder"][0]["rows"]
     skipped = [row for row in rows if row["status"] == "skipped"]
-    assert sorted(row["file"] for row in skipped) == ["first.safetensors", "sd15_other.safetensors",
-                                                      os.path.join("sub", "second.safetensors")]
+    every = ["broken.safetensors", "first.safetensors", "sd15_other.safetensors",
+             os.path.join("sub", "second.safetensors")]
+    assert sorted(row["file"] for row in skipped) == every  # decided before any file is read
     assert all(row["recipe"] == RECIPE and "connect the MODEL" in row["error"] for row in skipped)
     done = sorted(row["file"] for row in rows if row["status"] == "done")
     assert done == ["first.safetensors", "sd15_other.safetensors", os.path.join("sub", "second.safetensors")]
     assert len(list((loras / "resized").rglob("*_rank2.safetensors"))) == 3
+    assert [row["file"] for row in rows if row["status"] == "failed"] == ["broken.safetensors"]  # read: rank=2
