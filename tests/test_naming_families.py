@@ -35,6 +35,7 @@ STYLES: dict[tuple[str, str], list[tuple[str, str, tuple[int, int] | None]]] = {
         ("lora_unet_vace_blocks_0_self_attn_k", "diffusion_model.vace_blocks.0.self_attn.k", None),
         ("lora_unet_vace_blocks_0_before_proj", "diffusion_model.vace_blocks.0.before_proj", None),
         ("lora_unet_blocks_0_self_attn_k", "diffusion_model.blocks.0.self_attn.k", None)],
+    ("wan", "wan_fun"): [("lora_unet__blocks_0_cross_attn_k", "diffusion_model.blocks.0.cross_attn.k", None)],
     ("wan", "diffusers"): [  # ComfyUI 0.3.64 maps none of these; read so that a converted file loads
         ("transformer.blocks.0.attn1.to_q", "diffusion_model.blocks.0.self_attn.q", None),
         ("transformer.blocks.1.attn2.add_k_proj", "diffusion_model.blocks.1.cross_attn.k_img", None),

@@ -45,8 +45,8 @@ def to_canonical(prefix: str, arch: str) -> Optional[Target]:
             rest = prefix[len(te_prefix):]
             return _encoder_target(encoder, rest if te_prefix.endswith(".") else fam.dotted(rest))
     for unet_prefix in _UNET_UNDERSCORED:
-        if prefix.startswith(unet_prefix):
-            return fam.unet_target(fam.dotted(prefix[len(unet_prefix):]))
+        if prefix.startswith(unet_prefix):  # Wan Fun writes lora_unet__blocks_0_... (ComfyUI's convert_lora)
+            return fam.unet_target(fam.dotted(prefix[len(unet_prefix):].lstrip("_")))
     for unet_prefix in _UNET_DOTTED:
         if prefix.startswith(unet_prefix):
             return fam.unet_target(prefix[len(unet_prefix):])

@@ -18,7 +18,7 @@ from ..target import Parts, Target
 
 Shapes = Mapping[str, tuple[int, int]]  # LoRA key prefix -> (out rows, in columns) of its layer
 # Optional producer prefix before a root-level path in a LoRA key (marks anchor their patterns after it).
-ROOT = r"^(?:lora_unet_|lycoris_|lora_transformer_|diffusion_model\.|transformer\.|unet\.|base_model\.model\.)?"
+ROOT = r"^(?:lora_unet__?|lycoris_|lora_transformer_|diffusion_model\.|transformer\.|unet\.|base_model\.model\.)?"
 
 
 def root(pattern: str) -> str:
