@@ -116,6 +116,9 @@ STYLES: dict[tuple[str, str], list[tuple[str, str, tuple[int, int] | None]]] = {
         ("lora_unet_layers_0_attention_qkv", "diffusion_model.layers.0.attention.qkv", None),
         ("lora_unet_noise_refiner_0_feed_forward_w3", "diffusion_model.noise_refiner.0.feed_forward.w3", None),
         ("lora_unet_context_refiner_0_attention_out", "diffusion_model.context_refiner.0.attention.out", None)],
+    ("lumina2", "z_image_diffusers"): [
+        ("transformer.layers.0.attention.to_out.0", "diffusion_model.layers.0.attention.out", None),
+        ("diffusion_model.noise_refiner.1.feed_forward.w2", "diffusion_model.noise_refiner.1.feed_forward.w2", None)],
     ("lumina2", "comfy"): [
         ("diffusion_model.layers.1.feed_forward.w1", "diffusion_model.layers.1.feed_forward.w1", None)],
     ("chroma", "kohya"): [
@@ -325,6 +328,9 @@ def test_lumina_split_qkv_is_fused_with_grouped_query_heights(tmp_path):
     assert lora.architecture == "lumina2"
     offsets = sorted(layer.offset for layer in lora)
     assert offsets == [(0, 0, width), (0, width, kv), (0, width + kv, kv)]
+    z_image = naming.to_canonical("diffusion_model.layers.0.attention.to_v", "lumina2")  # Z-Image: kv = width
+    assert (z_image.name, z_image.offset((width, width))) == ("diffusion_model.layers.0.attention.qkv",
+                                                             (0, 2 * width, width))
     out = tmp_path / "lumina_comfy.safetensors"
     write_lora(lora, out, convention="comfy")
     (fused,) = read_lora(out).layers.values()

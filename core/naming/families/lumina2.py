@@ -10,11 +10,15 @@ from typing import Optional, Sequence
 from ..target import Target
 from .base import Family, root
 
-# diffusers Lumina2Transformer2DModel block suffix -> ComfyUI suffix (diffusers' convert_lumina2_to_diffusers)
+# diffusers block suffix -> ComfyUI suffix: Lumina2Transformer2DModel (diffusers' convert_lumina2_to_diffusers)
+# and Z-Image's ZImageTransformer2DModel (``attention.to_*``: later ComfyUI's z_image_to_diffusers)
 DIFFUSERS = {"attn.to_out.0": "attention.out", "feed_forward.linear_1": "feed_forward.w1",
-             "feed_forward.linear_2": "feed_forward.w2", "feed_forward.linear_3": "feed_forward.w3"}
+             "feed_forward.linear_2": "feed_forward.w2", "feed_forward.linear_3": "feed_forward.w3",
+             "attention.to_out.0": "attention.out", "attention.norm_q": "attention.q_norm",
+             "attention.norm_k": "attention.k_norm"}
 # q, k, v of the fused qkv: q as wide as the model (its input), then k and v of the kv heads (equal heights)
-QKV = {"attn.to_q": (0, 0), "attn.to_k": (1, 0), "attn.to_v": (1, 1)}
+QKV = {"attn.to_q": (0, 0), "attn.to_k": (1, 0), "attn.to_v": (1, 1),
+       "attention.to_q": (0, 0), "attention.to_k": (1, 0), "attention.to_v": (1, 1)}
 _BLOCK = re.compile(r"(layers|noise_refiner|context_refiner)\.(\d+)\.(.+)")
 
 
