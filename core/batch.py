@@ -189,19 +189,24 @@ def _open(spec: Optional[BaseSpec]) -> tuple[Any, Any]:
 
         _OPEN[spec.path] = (open_base(spec.path), NormCache.for_checkpoint(spec.path))
     base, cache = _OPEN[spec.path]
-    return (base, _Preloaded(base.fingerprint, spec.norms, cache)) if spec.norms else (base, cache)
+    if not spec.norms:
+        return base, cache
+    from .norms import cache_id
+
+    return base, _Preloaded(cache_id(base), spec.norms, cache)
 
 
 class _Preloaded:
     """The norms cache, answered first from norms handed to this worker (a node that cannot see, or has
-    not yet re-read, the cache file beside the checkpoint)."""
+    not yet re-read, the cache file beside the checkpoint). ``cache_id``: the base's id in the cache
+    (core.norms.cache_id: its fingerprint and the norms' version)."""
 
-    def __init__(self, fingerprint: str, norms: dict, cache):
-        self.fingerprint, self.norms, self.cache = fingerprint, norms, cache
+    def __init__(self, cache_id: str, norms: dict, cache):
+        self.cache_id, self.norms, self.cache = cache_id, norms, cache
 
-    def get(self, fingerprint: str, key: str):
-        found = self.norms.get(key) if fingerprint == self.fingerprint else None
-        return found if found is not None else self.cache.get(fingerprint, key)
+    def get(self, cache_id: str, key: str):
+        found = self.norms.get(key) if cache_id == self.cache_id else None
+        return found if found is not None else self.cache.get(cache_id, key)
 
     def put(self, fingerprint: str, key: str, values: dict) -> None:
         self.cache.put(fingerprint, key, values)
@@ -521,15 +526,15 @@ def _base_norms(base, cache, targets: Iterable[tuple], kinds: tuple[str, ...], d
     """Norms of every base layer the family's LoRAs touch, once, into the cache; returns how many were
     computed and {layer cache key: norms} of them all. Layers the base lacks or shapes it does not match
     are left to each file's own error."""
-    from .norms import reference_norms
+    from .norms import cache_id, reference_norms
     from .norms_cache import layer_cache_key
 
-    names = base.names()
+    names, cached_as = base.names(), cache_id(base)
     wanted = []
     for name, offset, shape in dict.fromkeys(targets):
         if name in names and tuple(base.shape(name, offset)) == tuple(shape):
             wanted.append((name, offset))
-    missing = [t for t in wanted if not _cached(cache, base.fingerprint, layer_cache_key(*t), kinds)]
+    missing = [t for t in wanted if not _cached(cache, cached_as, layer_cache_key(*t), kinds)]
     if missing:
         try:
             reference_norms(base, missing, kinds=kinds, device=device, cache=cache)
@@ -537,7 +542,7 @@ def _base_norms(base, cache, targets: Iterable[tuple], kinds: tuple[str, ...], d
             log.warning("%s", exc)
         cache.save()
     keys = (layer_cache_key(*t) for t in wanted)
-    return len(missing), {key: values for key in keys if (values := cache.get(base.fingerprint, key)) is not None}
+    return len(missing), {key: values for key in keys if (values := cache.get(cached_as, key)) is not None}
 
 
 def _cached(cache, fingerprint: str, key: str, kinds: tuple[str, ...]) -> bool:

@@ -182,6 +182,9 @@ def test_two_workers_write_the_same_bytes_and_compute_norms_once(reference, tmp_
     assert f"base norms of sd15: {len(touched)} computed" in capsys.readouterr().err
     cache = json.loads((Path(base).parent / ".lora_resize_norms.json").read_text())
     assert sum(len(entries) for entries in cache.values()) == len(touched)
+    one = lib / "sd15" / "a" / (SD15[0] + ".safetensors")  # another run on the same base: all cached
+    assert main(["batch", str(one), "-o", str(tmp_path / "again"), "--base", f"sd15={base}", "-r", RECIPES, "-q"]) == 0
+    assert "base norms of sd15: 0 computed" in capsys.readouterr().out
 
 
 def _done_count(manifest: Path) -> int:

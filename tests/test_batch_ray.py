@@ -41,11 +41,24 @@ def _statuses(records) -> list:
     return sorted((os.path.basename(r["input"]), r["recipe"], r["status"]) for r in records)
 
 
-def test_ray_gives_the_local_batch_bytes_and_computes_no_norm_on_a_worker(cluster, local, tmp_path):
+def test_ray_gives_the_local_batch_bytes_and_computes_no_norm_on_a_worker(cluster, local, tmp_path, monkeypatch):
+    from core.base import open_base
+    from core.batch_ray import RayRunner
+    from core.formats import read_lora
+    from tests.test_batch import LORAS, SD15
+
     lib, _, outputs, records = local
     base = _base(tmp_path)  # a fresh cache: the driver computes every norm, the workers none
     out = tmp_path / "ray"
+    shared = []
+    put = RayRunner.put
+    monkeypatch.setattr(RayRunner, "put", lambda self, value: shared.append(value) or put(self, value))
     assert main(_args(lib, out, base, "--ray")) == 1
+    names = open_base(base).names()
+    touched = {(layer.name, layer.offset) for name in SD15
+               for layer in read_lora(os.path.join(LORAS, name + ".safetensors")) if layer.name in names}
+    assert len(shared) == 1 and len(shared[0]) == len(touched)  # one family's norms, once, in the object store
+    assert all(set(values) == {"frobenius"} for values in shared[0].values())  # what fro_ckpt needs
     assert _outputs(out) == outputs
     ours = _records(out)
     assert _statuses(ours) == _statuses(records)
