@@ -1,6 +1,7 @@
 """The seed tool's evaluation, done: how much each selection method changes a LoRA at matched file sizes.
 
-    python bench/evaluate.py BASE LORA [--thresholds -1.0 -1.2 -1.5] [--out bench/evaluation_sdxl.json]
+    python bench/evaluate.py BASE LORA [--thresholds -1.0 -1.2 -1.5] [--sizes MIB ...] [--append]
+                             [--kohya with|later|only] [--out bench/evaluation_sdxl.json]
     python bench/plot_evaluation.py bench/evaluation_sdxl.json docs/evaluation_sdxl.png
 
 The seed's README procedure ("TBD" there): compress with ``spn_ckpt=1,thr=T`` and note the size S; compress
@@ -148,10 +149,11 @@ def kohya_row(evaluation: Evaluation, ratio: float) -> dict | None:
         return row
 
 
-def evaluate(evaluation: Evaluation, thresholds: list[float], seeds: int = 3) -> list[dict]:
+def evaluate(evaluation: Evaluation, anchors: list[str], seeds: int = 3, with_kohya: bool = True) -> list[dict]:
+    """One group per anchor recipe (``spn_ckpt=1,thr=T`` as the seed's procedure, or ``spn_ckpt=1,size=S``)."""
     rows = []
-    for thr in thresholds:
-        anchor = evaluation.run(f"spn_ckpt=1,thr={thr:g}")
+    for text in anchors:
+        anchor = evaluation.run(text)
         target = anchor["mib"]
         group = {"size_mib": target, "anchor": anchor["recipe"], "rows": [anchor]}
         seed_step = evaluation.run(f"spn_lora=1,size={target:.6g}")
@@ -169,7 +171,7 @@ def evaluate(evaluation: Evaluation, thresholds: list[float], seeds: int = 3) ->
         ratio = 10 ** -seed_step["threshold"]
         group["kohya_ratio"] = ratio
         group["rows"].append(evaluation.run(f"sv_ratio={ratio:.6g}"))
-        kohya = kohya_row(evaluation, ratio)
+        kohya = kohya_row(evaluation, ratio) if with_kohya else None
         if kohya is not None:
             group["rows"].append(kohya)
         for row in group["rows"]:
@@ -184,18 +186,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base")
     parser.add_argument("lora")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[-1.0, -1.2, -1.5])
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[-1.0, -1.2, -1.5])
+    parser.add_argument("--sizes", type=float, nargs="*", default=[],
+                        help="also anchor at spn_ckpt=1,size=S MiB (the threshold that size gives)")
+    parser.add_argument("--append", action="store_true", help="add the groups to an existing --out")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "evaluation.json"))
+    parser.add_argument("--kohya", choices=("with", "later", "only"), default="with",
+                        help="later: skip kohya's script; only: add its rows to an existing --out (the same ratios)")
     args = parser.parse_args()
     torch.manual_seed(0)
     evaluation = Evaluation(args.base, args.lora)
+    if args.kohya == "only":
+        report = json.load(open(args.out))
+        for group in report["groups"]:
+            group["rows"] = [row for row in group["rows"] if not row["recipe"].startswith("kohya")]
+            row = kohya_row(evaluation, group["kohya_ratio"])
+            if row is not None:
+                print(f"  {row['recipe']:<38} {row.get('mib', 0):8.2f} MiB  {row.get('seconds', 0):.0f} s", flush=True)
+                group["rows"].append(row)
+        report["kohya_command"] = " ".join(["python", "bench/evaluate.py", *sys.argv[1:]])
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+            fh.write("\n")
+        return
     print(f"{args.lora}: {evaluation.original_size / MIB:.1f} MiB, total rank {evaluation.original_rank}, "
           f"{len(evaluation.items)} layers; decomposition and base norms {evaluation.setup_seconds:.1f} s", flush=True)
-    groups = evaluate(evaluation, args.thresholds, args.seeds)
+    anchors = [f"spn_ckpt=1,thr={t:g}" for t in args.thresholds] + [f"spn_ckpt=1,size={m:g}" for m in args.sizes]
+    groups = evaluate(evaluation, anchors, args.seeds, with_kohya=args.kohya == "with")
+    command = " ".join(["python", "bench/evaluate.py", *sys.argv[1:]])
+    commands = [command]
+    if args.append and os.path.exists(args.out):
+        previous = json.load(open(args.out))
+        groups = previous["groups"] + groups
+        commands = previous.get("commands", [previous.get("command")]) + commands
     report = {"lora": os.path.basename(args.lora), "base": os.path.basename(args.base),
               "original_mib": evaluation.original_size / MIB, "original_rank": evaluation.original_rank,
-              "layers": len(evaluation.items), "command": " ".join(["python", "bench/evaluate.py", *sys.argv[1:]]),
+              "layers": len(evaluation.items), "commands": commands,
               "torch": torch.__version__, "groups": groups}
     with open(args.out, "w") as fh:
         json.dump(report, fh, indent=1)

@@ -1,6 +1,8 @@
 """Error against file size per selection method, from bench/evaluate.py's JSON: one PNG for docs/.
 
-    python bench/plot_evaluation.py bench/evaluation_sdxl.json docs/evaluation_sdxl.png
+    python bench/plot_evaluation.py bench/evaluation_sdxl.json docs/evaluation_sdxl.png [--markdown]
+
+``--markdown`` also prints the tables BENCHMARKS.md shows (one per matched size).
 
 Needs matplotlib (`pip install "comfyui-lora-resize[bench]"`), never a requirement of the node pack.
 """
@@ -23,11 +25,32 @@ def method_of(recipe: str) -> str:
     return re.sub(r",seed=\d+", "", text) or recipe
 
 
+def markdown(report: dict) -> str:
+    """One table per matched size: every method's size, total rank and errors, best base-relative first."""
+    lines = []
+    for group in report["groups"]:
+        lines += [f"\n**Matched to {group['anchor']}: {group['size_mib']:.1f} MiB** "
+                  f"(kohya ratio 10^-t = {group['kohya_ratio']:.4g})\n",
+                  "| method | MiB | total rank | LoRA-relative | base-relative Σ‖·‖/Σ‖W‖ | √(Σ‖·‖²/Σ‖W‖²) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        rows = sorted((r for r in group["rows"] if "mib" in r), key=lambda r: r["rle_ckpt_sum"])
+        for row in rows:
+            lines.append(f"| `{row['recipe']}` | {row['mib']:.1f} | {row['rank']} | {100 * row['rle_lora']:.2f} % | "
+                         f"{100 * row['rle_ckpt_sum']:.4f} % | {100 * row['rle_ckpt_rss']:.4f} % |")
+        for row in group["rows"]:
+            if "error" in row:
+                lines.append(f"| `{row['recipe']}` | failed: {row['error']} | | | | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("evaluation")
     parser.add_argument("png")
+    parser.add_argument("--markdown", action="store_true", help="print the tables for BENCHMARKS.md")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.load(open(args.evaluation))))
     import matplotlib
 
     matplotlib.use("Agg")
