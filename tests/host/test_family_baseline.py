@@ -291,3 +291,21 @@ def test_base_aware_resize_matches_every_layer_to_the_base(lora_files, base_file
     assert resized.unloaded == []
     assert patched_weights(resized) == patched_weights(source)
     assert max_relative_difference(host_delta(host, source), host_delta(host, resized)) < 1e-5
+
+
+# test-model family -> the naming family detection must pick from the trainer's key names alone. Chroma's block
+# names are Flux's (ComfyUI's Chroma is a Flux model): without distilled_guidance_layer keys or metadata it reads
+# as Flux, whose tables write the same names.
+DETECTED = {"wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v_5b": "wan", "qwen_image": "qwen_image", "sd3": "sd3",
+            "hunyuan_video": "hunyuan_video", "ltxv": "ltxv", "hidream": "hidream", "lumina2": "lumina2",
+            "chroma": "flux", "sdxl_refiner": "sdxl_refiner"}
+
+
+@pytest.mark.parametrize("conv", CONVENTIONS, ids=_id)
+def test_family_detected_from_the_trainers_names(lora_files, conv):
+    from core.formats.reader import read_lora
+
+    _, path, _ = lora_files[(conv.family, conv.name)]
+    lora = read_lora(path)
+    assert lora.architecture == DETECTED[conv.family]
+    assert not [layer.source_key for layer in lora if layer.verbatim]  # every layer named by the family's table
