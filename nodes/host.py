@@ -89,7 +89,12 @@ def base_from_host(model=None, clip=None) -> Optional[StateDictBase]:
 
 
 # ComfyUI model configs -> our architecture names (subclasses such as SSD1B or FluxSchnell included)
-_ARCHITECTURES = (("SDXL", "sdxl"), ("SD15", "sd15"), ("Flux", "flux"))
+# comfy.supported_models class -> the pack's family (core.naming.ARCHITECTURES); subclasses of another family's
+# class that are not that family come first (HunyuanImage 2.1 subclasses HunyuanVideo, and has no table here)
+_ARCHITECTURES = (("HunyuanImage21", None), ("HunyuanImage21Refiner", None), ("SDXLRefiner", "sdxl_refiner"),
+                  ("SDXL", "sdxl"), ("SD15", "sd15"), ("Flux", "flux"), ("Chroma", "chroma"), ("SD3", "sd3"),
+                  ("WAN21_T2V", "wan"), ("QwenImage", "qwen_image"), ("HunyuanVideo", "hunyuan_video"),
+                  ("LTXV", "ltxv"), ("HiDream", "hidream"), ("Lumina2", "lumina2"))
 
 
 def host_architecture(model) -> Optional[str]:

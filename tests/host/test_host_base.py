@@ -539,3 +539,19 @@ def test_a_layer_the_host_maps_through_a_function_is_scored_in_the_files_rows(co
         (refs,) = _module(pack, "core.resize").reference_table(items, [recipe], base).values()
         assert torch.allclose(refs.subspace.double(), want, rtol=1e-4, atol=1e-6), how
         assert refs.spectral == pytest.approx(float(torch.linalg.matrix_norm(weight, 2)), rel=1e-3)
+
+
+_ARCH_OF = {"wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v_5b": "wan", "qwen_image": "qwen_image", "sd3": "sd3",
+            "hunyuan_video": "hunyuan_video", "ltxv": "ltxv", "hidream": "hidream", "lumina2": "lumina2",
+            "chroma": "chroma", "sdxl_refiner": "sdxl_refiner"}
+
+
+@pytest.mark.parametrize("family", sorted(_ARCH_OF))
+def test_the_loaded_model_names_its_family_as_the_cli_does(comfy_hosts, pack, family):
+    """The node's base family (used to say "this LoRA is for X, the model is Y") is the family the CLI's
+    registry detects from that family's LoRAs, for every tiny real model."""
+    from core.naming import ARCHITECTURES
+
+    host = FAMILY_BUILDERS[family]()
+    assert _module(pack, "nodes.host").host_architecture(host.model) == _ARCH_OF[family]
+    assert _ARCH_OF[family] in ARCHITECTURES
