@@ -21,11 +21,12 @@ from dataclasses import replace
 from typing import Mapping, Optional, Sequence
 
 import torch
+from safetensors import safe_open
 
 from ..delta import delta_weight, effective_down
 from ..errors import LoraError
 from ..model import Layer, LoraFile
-from ..safetensors_io import load_tensors, read_header
+from ..safetensors_io import read_header
 from .conventions import split_key_suffix
 
 _PROBES = 2
@@ -186,13 +187,18 @@ def check_file(path: str, lora: LoraFile, plan: Sequence[tuple[Layer, str]], ten
         groups[parts[0]].append(key)
     peft_alphas = _PeftAlphas(metadata, label)
     seen_extras: set[str] = set()
-    for prefix, keys in groups.items():
-        try:
-            _check_group(path, header, prefix, keys, lora, planned, tensors, peft_alphas, seen_extras, label)
-        except LoraError as exc:
-            if exc.fix == _FIX:
-                raise exc.with_file(label) from None
-            raise _mismatch(f"{prefix} does not read back: {exc.problem}", exc.layer or prefix, label) from None
+    # one handle for every group: opening the file per group parsed its whole header 1,014 times for an
+    # SDXL LoRA (2.5 s of a 4 s write)
+    with safe_open(path, framework="pt", device="cpu") as fh:
+        for prefix, keys in groups.items():
+            try:
+                stored = {key: fh.get_tensor(key) for key in keys}
+                _check_group(stored, prefix, lora, planned, tensors, peft_alphas, seen_extras, label)
+            except LoraError as exc:
+                if exc.fix == _FIX:
+                    raise exc.with_file(label) from None
+                raise _mismatch(f"{prefix} does not read back: {exc.problem}", exc.layer or prefix,
+                                label) from None
     if planned:
         raise _mismatch(f"{len(planned)} planned layers are not in the file ({', '.join(list(planned)[:5])})",
                         None, label)
@@ -201,12 +207,12 @@ def check_file(path: str, lora: LoraFile, plan: Sequence[tuple[Layer, str]], ten
         raise _mismatch(f"{len(lost)} pass-through entries are not in the file ({', '.join(lost[:5])})", None, label)
 
 
-def _check_group(path: str, header, prefix: str, keys: list[str], lora: LoraFile, planned: dict[str, Layer],
+def _check_group(stored: Mapping[str, torch.Tensor], prefix: str, lora: LoraFile, planned: dict[str, Layer],
                  tensors: Mapping[str, torch.Tensor], peft_alphas, seen_extras: set[str], label: str) -> None:
-    """One key prefix of the file: its tensors as meant, read by the reader itself as the planned layer."""
+    """One key prefix of the file (``stored``: its tensors as read back): its tensors as meant, read by the
+    reader itself as the planned layer."""
     from .reader import build_group, group_keys
 
-    stored = load_tensors(path, keys=keys, header=header)
     for key, tensor in stored.items():
         meant = tensors[key]
         if tensor.dtype != meant.dtype or tuple(tensor.shape) != tuple(meant.shape):
