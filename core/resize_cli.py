@@ -131,21 +131,71 @@ def cmd_resize(args: argparse.Namespace) -> int:
         finally:
             job.save_cache()
         return 0
-    failed = 0
-    for spec, members in specs:
-        try:
-            job.run(spec, members, out_dir)
-        except Exception as exc:  # a batch goes on past a bad LoRA; main() handles KeyboardInterrupt
-            failed += 1
-            if args.verbose >= 2:
-                log.exception("%s failed", spec)
-            text = str(exc.with_file(spec)) if isinstance(exc, LoraError) else f"{spec}: {_unexpected(exc)}"
-            print(f"error: {text}", file=sys.stderr)
-        finally:
-            job.save_cache()
+    failed = _pipeline(job, specs, out_dir)
     summary = f"{len(specs) - failed} done, {failed} failed"
     print(summary, file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
+
+
+def _pipeline(job: "_Job", specs: list[tuple[str, list[tuple[str, float]]]], out_dir: Path | None) -> int:
+    """Several LoRAs, overlapped: the next one is hashed and read, and the last one written and read
+    back, while this one is decomposed (two threads beside this one; reading and writing are mostly
+    copies and hashing that wait on the kernel, the decomposition is BLAS). The order of everything
+    seen stays that of a plain loop: LoRA i's outputs are planned (names, existing files, free space)
+    only after LoRA i-1's are written, and each LoRA's report or error comes in input order. Holds up
+    to three LoRAs at once (one being read, one resized, one's output being written). Returns the
+    number of LoRAs that failed; the batch goes on past them."""
+    failed = 0
+
+    def fail(spec: str, exc: Exception) -> None:
+        nonlocal failed
+        failed += 1
+        if job.args.verbose >= 2:
+            log.error("%s failed", spec, exc_info=exc)
+        text = str(exc.with_file(spec)) if isinstance(exc, LoraError) else f"{spec}: {_unexpected(exc)}"
+        print(f"error: {text}", file=sys.stderr)
+
+    reader, writer = ThreadPoolExecutor(max_workers=1), ThreadPoolExecutor(max_workers=1)
+    writing = None  # (spec, future of the last LoRA's write)
+
+    def drain() -> None:
+        nonlocal writing
+        if writing is None:
+            return
+        spec, future = writing
+        writing = None
+        try:
+            future.result()
+        except Exception as exc:  # a failed write: its files were removed by write_all
+            fail(spec, exc)
+
+    try:
+        ahead = reader.submit(job.load, *specs[0])
+        for index, (spec, _) in enumerate(specs):
+            current = ahead
+            ahead = reader.submit(job.load, *specs[index + 1]) if index + 1 < len(specs) else None
+            try:
+                loaded = current.result()
+                results = job.compute(loaded, out_dir)
+            except Exception as exc:  # main() handles KeyboardInterrupt
+                drain()
+                fail(spec, exc)
+                continue
+            finally:
+                job.save_cache()
+            drain()
+            try:
+                plans = job.plan(loaded, results, out_dir)
+            except Exception as exc:
+                fail(spec, exc)
+                continue
+            writing = (spec, writer.submit(job.write, loaded, plans))
+            del loaded, results, plans
+        drain()
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)  # a write under way ends whole (or removes its temp)
+    return failed
 
 
 def _unexpected(exc: BaseException) -> str:
@@ -166,11 +216,16 @@ class _Job:
             self.cache.save()  # after each LoRA: a later failure keeps the norms already computed
 
     def run(self, spec: str, members: list[tuple[str, float]], out_dir: Path | None) -> None:
+        loaded = self.load(spec, members)
+        results = self.compute(loaded, out_dir)
+        self.write(loaded, self.plan(loaded, results, out_dir))
+
+    def load(self, spec: str, members: list[tuple[str, float]]) -> "_Loaded":
+        """Hash and read the members (merged when several): everything before the decomposition."""
         from .formats import read_lora
         from .formats.writer import check_nameable
         from .merge import merge
         from .metadata import file_sha256
-        from .resize import resize
 
         args = self.args
         for path, _ in members:
@@ -186,21 +241,38 @@ class _Job:
         else:
             lora, operation = merge(loras), "merge+resize"
         check_nameable(lora, args.format, label=spec)  # before any work: names -f cannot spell without a table
-        folder = out_dir or Path(members[0][0]).parent
+        return _Loaded(spec, members, lora, operation, sources)
+
+    def compute(self, loaded: "_Loaded", out_dir: Path | None) -> list:
+        from .resize import resize
+
         try:
-            results = list(resize(lora, self.recipes, base=self.base, device=self.device, cache=self.cache,
-                                  convention=args.format, dtype=self.dtype, sources=sources,
-                                  progress=self.progress))
+            return list(resize(loaded.lora, self.recipes, base=self.base, device=self.device, cache=self.cache,
+                               convention=self.args.format, dtype=self.dtype, sources=loaded.sources,
+                               progress=self.progress))
         finally:
             for bar in self.bars.values():
                 bar.close()
             self.bars.clear()
-        plans = plan_outputs(results, folder, _merge_name(members), convention=args.format, dtype=self.dtype,
-                             operation=operation, sources=sources, overwrite=args.overwrite, label=spec)
-        sizes = write_all(plans, convention=args.format, dtype=self.dtype, operation=operation, sources=sources,
-                          overwrite=args.overwrite)
+
+    def plan(self, loaded: "_Loaded", results: list, out_dir: Path | None) -> list["_Plan"]:
+        folder = out_dir or Path(loaded.members[0][0]).parent
+        return plan_outputs(results, folder, _merge_name(loaded.members), convention=self.args.format,
+                            dtype=self.dtype, operation=loaded.operation, sources=loaded.sources,
+                            overwrite=self.args.overwrite, label=loaded.spec)
+
+    def write(self, loaded: "_Loaded", plans: list["_Plan"]) -> None:
+        sizes = write_all(plans, convention=self.args.format, dtype=self.dtype, operation=loaded.operation,
+                          sources=loaded.sources, overwrite=self.args.overwrite)
         for plan, size in zip(plans, sizes):
-            _report(plan.result, plan.path, size, args.verbose)
+            _report(plan.result, plan.path, size, self.args.verbose)
+
+
+class _Loaded:
+    """One LoRA argument read: the LoRA (merged if asked), what to record of its sources."""
+
+    def __init__(self, spec: str, members: list[tuple[str, float]], lora, operation: str, sources: list[dict]):
+        self.spec, self.members, self.lora, self.operation, self.sources = spec, members, lora, operation, sources
 
 
 class _Plan:

@@ -228,3 +228,33 @@ def test_whole_file_reads_equal_safetensors_own(tmp_path):
     for key, value in theirs.items():
         assert ours[key].dtype == value.dtype and ours[key].shape == value.shape
         assert torch.equal(ours[key].float(), value.float()), key
+
+
+def test_several_loras_overlapped_give_the_bytes_and_order_of_one_at_a_time(tmp_path, capsys):
+    """Several LoRAs in one command are pipelined (the next read and the last written during this one's
+    decomposition): the same files, byte for byte, as one LoRA per command; reports in input order; a LoRA
+    refused at planning (its output exists) fails alone, after the one before it was written."""
+    names = ["sd15_kohya_locon_r4a2_c2a1.safetensors", "sd15_lycoris_loha_r4a2.safetensors",
+             "sd15_peft_r4a8_meta.safetensors", "flux_kohya_r4a1.safetensors"]
+    paths = [os.path.join(LORA_DIR, n) for n in names]
+    alone = tmp_path / "alone"
+    for path in paths:
+        assert main(["-", path, "-o", str(alone), "-r", "rank=2:sv_ratio=2", "-q"]) == 0
+    capsys.readouterr()
+    together = tmp_path / "together"
+    together.mkdir()
+    blocker = together / (os.path.splitext(names[2])[0] + "_rank2.safetensors")
+    blocker.write_bytes(b"someone else's file")
+    assert main(["-", *paths, "-o", str(together), "-r", "rank=2:sv_ratio=2", "-q"]) == 1
+    captured = capsys.readouterr()
+    reported = [line.split(":")[0] for line in captured.out.splitlines() if line.startswith(str(together))]
+    expected = [str(together / name) for name in sorted(os.listdir(alone))]
+    expected_order = [p for n in names if n != names[2] for p in expected if os.path.basename(p).startswith(
+        os.path.splitext(n)[0] + "_")]
+    assert reported == expected_order and len(reported) == 6
+    assert "output file already exists" in captured.err and "3 done, 1 failed" in captured.err
+    assert blocker.read_bytes() == b"someone else's file"
+    for path in expected_order:
+        with open(path, "rb") as a, open(alone / os.path.basename(path), "rb") as b:
+            assert a.read() == b.read(), path
+    assert sorted(os.listdir(together)) == sorted([blocker.name] + [os.path.basename(p) for p in expected_order])
