@@ -1,6 +1,6 @@
 """Deterministic full-scale SDXL benchmark data: a base checkpoint and kohya LoRAs at rank 64 / 128.
 
-    python bench/make_data.py OUT_DIR [--layout PATH] [--ranks 64 128]
+    python bench/make_data.py OUT_DIR [--layout PATH] [--ranks 64 128] [--variants N]
 
 The base holds every LoRA-targeted SDXL weight at its real shape, fp16, in the SGM single-file
 layout (UNet ``model.diffusion_model.*``, CLIP-L ``conditioner.embedders.0``, OpenCLIP bigG
@@ -9,6 +9,9 @@ shapes come from a real sd-scripts SDXL LoRA (``--layout``, default the shared r
 text encoders are generated at their real sizes. Weights are 0.02·N(0,1) plus a rank-16 part with
 decaying singular values (trained weights have a few dominant directions); LoRA factors decay like
 trained ones. Every tensor is seeded by its name, and files are streamed tensor by tensor.
+``--variants N`` also writes ``sdxl_lora_r<rank>_v1 ... _v<N-1>``: the same layers and statistics
+under other seeds (variant 0 is the plain file), for batches of distinct full-size LoRAs; the base
+is written only when it is missing.
 """
 from __future__ import annotations
 
@@ -73,8 +76,9 @@ def base_weight(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return w.reshape(shape).half()
 
 
-def lora_factors(name: str, shape: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(_seed(name + f"|lora{rank}"))
+def lora_factors(name: str, shape: tuple[int, ...], rank: int, variant: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(_seed(name + f"|lora{rank}" + (f"|v{variant}" if variant else "")))
     n, m = shape[0], math.prod(shape[1:])
     rank = min(rank, n, m)
     decay = torch.tensor([0.93 ** i for i in range(rank)])
@@ -140,7 +144,12 @@ def write_base(path: str, unet: dict, te: dict) -> None:
     writer.close()
 
 
-def write_lora(path: str, layers: dict, rank: int) -> None:
+def lora_name(rank: int, variant: int = 0) -> str:
+    """``sdxl_lora_r64.safetensors`` (variant 0), ``sdxl_lora_r64_v3.safetensors`` ..."""
+    return f"sdxl_lora_r{rank}" + (f"_v{variant}" if variant else "") + ".safetensors"
+
+
+def write_lora(path: str, layers: dict, rank: int, variant: int = 0) -> None:
     specs, makers = {}, {}
     for prefix, shape in layers.items():
         layer_rank = rank // 2 if len(shape) == 4 and shape[2] > 1 else rank
@@ -162,7 +171,7 @@ def write_lora(path: str, layers: dict, rank: int) -> None:
             continue
         if prefix not in cache:
             cache.clear()
-            cache[prefix] = lora_factors(prefix, shape, layer_rank)
+            cache[prefix] = lora_factors(prefix, shape, layer_rank, variant)
         writer.write(cache[prefix][0] if suffix.startswith("lora_up") else cache[prefix][1])
     writer.close()
 
@@ -172,6 +181,7 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--layout", default=DEFAULT_LAYOUT)
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--variants", type=int, default=1, help="LoRAs per rank under distinct seeds (default 1)")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     unet, te = unet_layers(args.layout), text_layers()
@@ -181,11 +191,12 @@ def main() -> None:
         write_base(base, unet, te)
         print(f"{base}: {os.path.getsize(base) / 1e9:.2f} GB in {time.time() - start:.0f} s")
     for rank in args.ranks:
-        path = os.path.join(args.out_dir, f"sdxl_lora_r{rank}.safetensors")
-        if not os.path.exists(path):
-            start = time.time()
-            write_lora(path, {**unet, **te}, rank)
-            print(f"{path}: {os.path.getsize(path) / 2**20:.0f} MiB in {time.time() - start:.0f} s")
+        for variant in range(args.variants):
+            path = os.path.join(args.out_dir, lora_name(rank, variant))
+            if not os.path.exists(path):
+                start = time.time()
+                write_lora(path, {**unet, **te}, rank, variant)
+                print(f"{path}: {os.path.getsize(path) / 2**20:.0f} MiB in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
