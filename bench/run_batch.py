@@ -5,9 +5,9 @@
 
 Scenarios, each a whole process timed from outside (wall time and peak RSS from its rusage, as bench/run.py):
 
-- ``batch small -j1/-j2/--ray``: ``lora-resize batch`` on 100 small LoRAs (the repo's SD1.5 fixtures, copied
-  round-robin under 100 names) against the tiny SD1.5 fixture base (copied, so its norms cache is not written
-  into the repo), ``fro_ckpt=1,thr=-3.5``; a fresh output folder each time (no resume).
+- ``batch small -j1/-j2/--ray``: ``lora-resize batch`` on 100 small LoRAs (the 4 SD1.5 fixtures that fit the
+  tiny base, copied round-robin under 100 names) against the tiny SD1.5 fixture base (copied, so its norms
+  cache is not written into the repo), ``fro_ckpt=1,thr=-3.5``; a fresh output folder each time (no resume).
 - ``batch sdxl8 -j1/-j2/--ray``: the same on the 8 full-size SDXL r64 LoRAs against the SDXL base (warm norms).
   Files per minute = files / wall × 60, ``import torch`` and (Ray) the local cluster's start included.
 - ``marginal``: the resize command on 1 and on 8 of those LoRAs in one process, ours, the seed tool's (it takes
@@ -33,6 +33,9 @@ sys.path.insert(0, ROOT)
 PY = sys.executable
 RECIPE = "fro_ckpt=1,thr=-3.5"
 SMALL_COUNT = 100
+# the repo's SD1.5 fixtures whose layers the tiny fixture base holds at their shapes (the LyCORIS ones were
+# made against other widths): kohya LoCon, kohya from diffusers, PEFT, PEFT DoRA
+SMALL_SOURCES = ("sd15_kohya_locon_r4a2_c2a1", "sd15_kohya_via_diffusers", "sd15_peft_r4a8_meta", "sd15_peft_dora")
 FULL_COUNT = 8
 
 
@@ -42,16 +45,17 @@ def timed(cmd, cwd=ROOT, timeout=3600):
     return run_timed(cmd, cwd, timeout)
 
 
-def small_set(folder: str) -> tuple[str, list[str]]:
+def small_set(folder: str, count: int = SMALL_COUNT) -> tuple[str, list[str]]:
     """(base, 100 LoRA paths): SD1.5 fixtures the tiny base serves, copied round-robin under distinct names."""
     fixtures = os.path.join(ROOT, "tests", "fixtures")
+    os.makedirs(folder, exist_ok=True)
     base = os.path.join(folder, "sd15_tiny_base.safetensors")
     shutil.copy(os.path.join(fixtures, "base", "sd15_tiny_base.safetensors"), base)
-    sources = sorted(glob.glob(os.path.join(fixtures, "lora", "sd15_*.safetensors")))
+    sources = [os.path.join(fixtures, "lora", name + ".safetensors") for name in SMALL_SOURCES]
     loras = os.path.join(folder, "loras")
     os.makedirs(loras)
     paths = []
-    for i in range(SMALL_COUNT):
+    for i in range(count):
         source = sources[i % len(sources)]
         path = os.path.join(loras, f"{i:03d}_{os.path.basename(source)}")
         shutil.copy(source, path)
@@ -174,6 +178,7 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--only", nargs="*", choices=["small", "sdxl8", "marginal"], default=None)
+    parser.add_argument("--small-count", type=int, default=SMALL_COUNT, help="small LoRAs (a quick check: 8)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results_batch.json"))
     args = parser.parse_args()
     only = set(args.only or ["small", "sdxl8", "marginal"])
@@ -186,9 +191,9 @@ def main() -> None:
             results["marginal"] = marginal(args.data, loras, args.repeat, work,
                                            os.environ.get("ELIAS_RESIZE_LORA"))
         if "small" in only:
-            base, small = small_set(os.path.join(work, "small"))
-            results["results"] += batch_runs("small100", [os.path.dirname(small[0])], f"sd15={base}", len(small),
-                                             args.repeat, work)
+            base, small = small_set(os.path.join(work, "small"), args.small_count)
+            results["results"] += batch_runs(f"small{len(small)}", [os.path.dirname(small[0])], f"sd15={base}",
+                                             len(small), args.repeat, work)
         if "sdxl8" in only:
             base = os.path.join(args.data, "sdxl_base_synthetic.safetensors")
             results["results"] += batch_runs("sdxl8", loras, f"sdxl={base}", len(loras), args.repeat, work)
