@@ -63,10 +63,10 @@ def small_set(folder: str, count: int = SMALL_COUNT) -> tuple[str, list[str]]:
     return base, paths
 
 
-def full_set(data: str) -> list[str]:
+def full_set(data: str, count: int = FULL_COUNT) -> list[str]:
     from bench.make_data import lora_name
 
-    paths = [os.path.join(data, lora_name(64, v)) for v in range(FULL_COUNT)]
+    paths = [os.path.join(data, lora_name(64, v)) for v in range(count)]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         sys.exit(f"missing {missing[0]}: run python bench/make_data.py {data} --ranks 64 --variants {FULL_COUNT}")
@@ -104,7 +104,8 @@ def batch_runs(name: str, inputs: list[str], base_arg: str, files: int, repeat: 
     return rows
 
 
-def marginal(data: str, loras: list[str], repeat: int, work: str, elias: str | None) -> dict:
+def marginal(data: str, loras: list[str], repeat: int, work: str, elias: str | None,
+             seed_passive_too: bool = False) -> dict:
     base = os.path.join(data, "sdxl_base_synthetic.safetensors")
     out = os.path.join(work, "marginal-out")
 
@@ -127,10 +128,16 @@ def marginal(data: str, loras: list[str], repeat: int, work: str, elias: str | N
     def seed(n):
         return timed([PY, "resize_lora.py", base, *loras[:n], "-o", fresh(), "-d", "cpu"], cwd=elias)
 
+    def seed_passive(n):  # the seed tool with the OpenMP wait policy our CLI sets (core/__init__.py)
+        return timed(["env", "OMP_WAIT_POLICY=PASSIVE", PY, "resize_lora.py", base, *loras[:n], "-o", fresh(),
+                      "-d", "cpu"], cwd=elias)
+
     tools = {"ours": ours, "floor": floor}
     if elias:
         seed(1)  # warm its norms cache
         tools["seed"] = seed
+        if seed_passive_too:
+            tools["seed_passive"] = seed_passive
     rounds: dict[str, list] = {name: [] for name in tools}
     n = len(loras)
     for _ in range(repeat):
@@ -146,6 +153,8 @@ def marginal(data: str, loras: list[str], repeat: int, work: str, elias: str | N
     summary["ours_over_floor"] = summary["ours"]["per_lora_s"] / summary["floor"]["per_lora_s"]
     if "seed" in summary:
         summary["seed_over_ours"] = summary["seed"]["per_lora_s"] / summary["ours"]["per_lora_s"]
+    if "seed_passive" in summary:
+        summary["seed_passive_over_ours"] = summary["seed_passive"]["per_lora_s"] / summary["ours"]["per_lora_s"]
     return summary
 
 
@@ -178,6 +187,9 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--only", nargs="*", choices=["small", "sdxl8", "marginal"], default=None)
+    parser.add_argument("--seed-passive", action="store_true",
+                        help="also time the seed tool with OMP_WAIT_POLICY=PASSIVE (as our CLI runs)")
+    parser.add_argument("--full-count", type=int, default=FULL_COUNT, help="SDXL LoRAs (a quick check: 2)")
     parser.add_argument("--small-count", type=int, default=SMALL_COUNT, help="small LoRAs (a quick check: 8)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results_batch.json"))
     args = parser.parse_args()
@@ -186,10 +198,10 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     results: dict = {"started": started, "recipe": RECIPE, "cpus": os.cpu_count(), "results": []}
     try:
-        loras = full_set(args.data) if only & {"sdxl8", "marginal"} else []
+        loras = full_set(args.data, args.full_count) if only & {"sdxl8", "marginal"} else []
         if "marginal" in only:
             results["marginal"] = marginal(args.data, loras, args.repeat, work,
-                                           os.environ.get("ELIAS_RESIZE_LORA"))
+                                           os.environ.get("ELIAS_RESIZE_LORA"), args.seed_passive)
         if "small" in only:
             base, small = small_set(os.path.join(work, "small"), args.small_count)
             results["results"] += batch_runs(f"small{len(small)}", [os.path.dirname(small[0])], f"sd15={base}",
@@ -207,7 +219,7 @@ def main() -> None:
               f"{r['rss_mib']:.0f} | {'yes' if r['ok'] else 'FAILED'} |")
     m = results.get("marginal")
     if m:
-        for name in ("ours", "seed", "floor"):
+        for name in ("ours", "seed", "seed_passive", "floor"):
             if name in m:
                 print(f"per-LoRA {name}: {m[name]['per_lora_s']:.2f} s")
         print(f"ours / floor: {m['ours_over_floor']:.2f}x" +
