@@ -12,7 +12,7 @@ Scenarios, each a whole process timed from outside (wall time and peak RSS from 
   Files per minute = files / wall × 60, ``import torch`` and (Ray) the local cluster's start included.
 - ``marginal``: the resize command on 1 and on 8 of those LoRAs in one process, ours, the seed tool's (it takes
   many LoRAs in one process too) and the floor (this script's ``--floor`` mode: the CLI's imports, then per
-  LoRA read it with safetensors and write and fsync a file of our output's size). Per-LoRA time =
+  LoRA read all its bytes into memory and write and fsync a safetensors file of our output's size). Per-LoRA time =
   (T(8) − T(1)) / 7: ``import torch``, the base's header and the norms cache are paid once and cancel out.
   Rounds are interleaved (ours, seed, floor, each 1 then 8); medians over rounds.
 """
@@ -159,14 +159,17 @@ def marginal(data: str, loras: list[str], repeat: int, work: str, elias: str | N
 
 
 def floor_main(out_bytes: int, out: str, loras: list[str]) -> None:
-    """Per LoRA: read it (safetensors' load_file) and write ``out_bytes`` of it as a safetensors file, fsynced."""
+    """Per LoRA: read every byte of it into memory (core's one-pass read: safetensors' load_file only maps the
+    file, and would read just the tensors written) and write ``out_bytes`` of its tensors as a safetensors
+    file (safetensors' save_file), fsynced as ours are."""
     import torch  # noqa: F401
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     import core.cli  # noqa: F401  (the same imports as the CLI)
+    from core.safetensors_io import load_tensors
 
     for path in loras:
-        tensors = load_file(path)
+        tensors = load_tensors(path)
         kept, size = {}, 0
         for key, tensor in tensors.items():
             if size >= out_bytes:
