@@ -27,3 +27,35 @@ def server(comfy_hosts, tmp_path_factory):
             yield handle
     except ServerFailed as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_hosts):
+    """The repo imported as ComfyUI imports a custom node folder (a package with relative imports)."""
+    import importlib.util
+    import os
+    import sys
+
+    from tests.host.server import ROOT
+
+    name = "comfyui_lora_resize_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture()
+def folders(comfy_hosts, tmp_path, monkeypatch):
+    import folder_paths
+
+    loras, checkpoints = tmp_path / "loras", tmp_path / "checkpoints"
+    loras.mkdir()
+    checkpoints.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints", ([str(checkpoints)], {".safetensors"}))
+    folder_paths.filename_list_cache.pop("loras", None)
+    return loras, checkpoints

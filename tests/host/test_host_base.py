@@ -24,9 +24,7 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import re
-import sys
 
 import pytest
 import torch
@@ -35,36 +33,9 @@ from safetensors.torch import save_file
 from tests.host.comfy_models import HostModel, random_lora
 from tests.host.family_loras import CONVENTIONS, convention, host_delta, host_load, patched_weights
 from tests.host.family_models import FAMILY_BUILDERS, UNET_CONFIGS, host_state
-from tests.host.test_nodes_inprocess import ROOT
 
 _LOADED = [c for c in CONVENTIONS if c.host_loads]
 _CASES = [(c.family, c.name) for c in _LOADED] + [("sdxl", "kohya"), ("flux", "kohya")]
-
-
-@pytest.fixture(scope="module")
-def pack(comfy_hosts):
-    """The repo imported as ComfyUI imports a custom node folder (as tests/host/test_nodes_inprocess.py does)."""
-    name = "comfyui_lora_resize_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture()
-def folders(comfy_hosts, tmp_path, monkeypatch):
-    import folder_paths
-
-    loras, checkpoints = tmp_path / "loras", tmp_path / "checkpoints"
-    loras.mkdir()
-    checkpoints.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints", ([str(checkpoints)], {".safetensors"}))
-    folder_paths.filename_list_cache.pop("loras", None)
-    return loras, checkpoints
 
 
 def _host(comfy_hosts, family: str) -> HostModel:

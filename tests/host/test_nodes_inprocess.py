@@ -11,10 +11,8 @@ file in the way are LoraErrors naming the folder; an fp8 LoRA goes through load,
 the recipe node's rsvd and niter reach the decomposition; NaN/Inf widgets and merge weights are
 refused by name; saved UI workflows keep their widgets after the new niter widget.
 """
-import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -23,32 +21,6 @@ from safetensors.torch import save_file
 from tests.host.comfy_models import checkpoint_from_host, random_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def pack(comfy_hosts):
-    """The repo imported as ComfyUI imports a custom node folder (a package with relative imports)."""
-    name = "comfyui_lora_resize_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture()
-def folders(comfy_hosts, tmp_path, monkeypatch):
-    import folder_paths
-
-    loras, checkpoints = tmp_path / "loras", tmp_path / "checkpoints"
-    loras.mkdir()
-    checkpoints.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints", ([str(checkpoints)], {".safetensors"}))
-    folder_paths.filename_list_cache.pop("loras", None)
-    return loras, checkpoints
 
 
 def test_base_norms_from_model_equal_the_checkpoint_file(comfy_hosts, pack, tmp_path):
