@@ -16,7 +16,6 @@ import pytest
 from safetensors.torch import save_file
 
 from tests.host.comfy_models import checkpoint_from_host, random_lora
-from tests.host.test_nodes_inprocess import folders, pack  # noqa: F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SD15 = os.path.join(ROOT, "tests", "fixtures", "lora", "sd15_kohya_locon_r4a2_c2a1.safetensors")
