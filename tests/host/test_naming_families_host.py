@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from core import naming
+from tests.host.test_naming_host import assert_reads_as_the_host
 
 # test-model family -> registered naming family
 FAMILY_OF = {"wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v_5b": "wan", "qwen_image": "qwen_image",
@@ -49,14 +50,7 @@ def test_every_host_key_reads_as_its_weight(family_hosts, model):
             continue
         if arch == "sd3" and key.startswith("lora_te") and "t5xxl" in model_key and not key.startswith("lora_te3_"):
             continue  # OneTrainer's alternative numbering of T5 (te2 beside te3) is not read
-        target = naming.to_canonical(key, arch)
-        assert target is not None, key
-        assert target.name == model_key[: -len(".weight")], key
-        if offset is not None:
-            assert target.part is not None, key
-            start_units, length_units = target.part
-            unit = offset[2] // length_units
-            assert (start_units * unit, length_units * unit) == (offset[1], offset[2]), key
+        assert_reads_as_the_host(naming, key, arch, model_key, offset)
         checked += 1
     assert checked >= MIN_CHECKED[arch]
 

@@ -41,14 +41,7 @@ def test_every_host_key_maps_to_the_same_weight(comfy_hosts, arch):
         if key.startswith("lora_te3_") or (arch == "flux" and key.startswith("text_encoders.t5xxl") is False
                                            and "t5xxl" in model_key and key.startswith("lora_te1_")):
             continue  # OneTrainer's alternative numbering of T5 (te3 beside te2)
-        target = naming.to_canonical(key, arch)
-        assert target is not None, key
-        assert target.name == model_key[: -len(".weight")], key
-        if offset is not None:
-            assert target.part is not None, key
-            start_units, length_units = target.part
-            unit = offset[2] // length_units
-            assert (start_units * unit, length_units * unit) == (offset[1], offset[2]), key
+        assert_reads_as_the_host(naming, key, arch, model_key, offset)
         checked += 1
     assert checked > {"sdxl": 3000, "sd15": 1000, "flux": 200}[arch]
 
@@ -87,3 +80,15 @@ def test_names_we_write_are_loaded_by_the_host(comfy_hosts, arch, convention):
         assert _target(host.key_map.get(prefix, (None, None)))[0] == model_key, (name, prefix)
         written += 1
     assert written >= MIN_WRITTEN[(arch, convention)]
+
+
+def assert_reads_as_the_host(naming, key: str, arch: str, model_key: str, offset) -> None:
+    """The pack reads LoRA key ``key`` as the weight (and row slice) ComfyUI's key map patches with it."""
+    target = naming.to_canonical(key, arch)
+    assert target is not None, key
+    assert target.name == model_key[: -len(".weight")], key
+    if offset is not None:
+        assert target.part is not None, key
+        start_units, length_units = target.part
+        unit = offset[2] // length_units
+        assert (start_units * unit, length_units * unit) == (offset[1], offset[2]), key
