@@ -99,8 +99,9 @@ def test_batches_give_the_same_result_as_single_layers():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_triangular_factor_both_precisions_equal_householder(transposed):
-    """The CPU path (one fp64 Gram pass) and the GPU path (fp32 CholeskyQR2) give QR's R, here on
-    ill-conditioned factors (cond ≈ 1e4) like trained LoRA up matrices."""
+    """The CPU path (one fp64 Gram pass) and the GPU path (fp32 shifted CholeskyQR3) give QR's R, here on
+    ill-conditioned factors (cond ≈ 1e4) like trained LoRA up matrices. Plain CholeskyQR2 in fp32 fails
+    here on some CPUs' BLAS (its first Gram has cond 1e8 > 1/u): the shift is what makes it hold."""
     from core.decompose import _triangular_factor
 
     g = torch.Generator().manual_seed(7)
@@ -110,7 +111,7 @@ def test_triangular_factor_both_precisions_equal_householder(transposed):
     _, r_ref = torch.linalg.qr(x)
     r_ref = r_ref * torch.sign(torch.diagonal(r_ref, dim1=1, dim2=2))[..., None]  # positive diagonal
     stacked = x.transpose(1, 2).contiguous() if transposed else x
-    for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 2e-4)):  # one fp32 pass: 0.87
+    for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 5e-5)):  # one fp32 pass: 0.87; fp32 Householder 5e-5
         r = _triangular_factor(stacked.to(dtype), transposed=transposed)
         assert r is not None and r.dtype == dtype
         # relative to each row's scale: the small rows of R are what truncation decides on
