@@ -88,10 +88,14 @@ _TOO_LARGE = ("lower the merge weights or the alpha; if the file itself holds su
               "re-download or re-train it")
 
 
-def _check_input(layer: Layer) -> None:
-    """Finite factors and scale, or a LoraError naming the layer (one min/max pass per factor)."""
+def _check_scale(layer: Layer) -> None:
     if not math.isfinite(layer.scale):
         raise LoraError(f"its scale (alpha / rank) is {layer.scale}", layer=layer_key(layer), fix=_TOO_LARGE)
+
+
+def _check_input(layer: Layer) -> None:
+    """Finite factors and scale, or a LoraError naming the layer (one min/max pass per factor)."""
+    _check_scale(layer)
     for role, tensor in layer.factors.items():
         if tensor.is_floating_point() and not all(math.isfinite(v) for v in value_range(tensor)):
             raise LoraError(f"its {role} factor holds NaN or Inf values (a merge weight that large overflows fp32)",
@@ -120,12 +124,25 @@ def _stacked(buffers: GrowBuffers, key: str, tensors: list[torch.Tensor], dtype:
     return out
 
 
+def _refuse_nonfinite(layers: list[Layer], stack: torch.Tensor, role: str) -> None:
+    """Name the layer of a factor stack whose Gram diagonal is not finite: the per-factor min/max pass runs
+    only then. Finite factors whose fp32 product (a LoCon mid folded in) overflowed are refused by the
+    first such layer; a Gram that overflowed in fp32 (GPU) on finite values is not an error here."""
+    for layer in layers:
+        _check_input(layer)
+    for layer, matrix in zip(layers, stack):
+        if not bool(torch.isfinite(matrix).all()):
+            raise LoraError(f"its {role} factor overflows fp32 once its LoCon mid is folded in",
+                            layer=layer_key(layer), fix=_TOO_LARGE)
+
+
 def _gram_factor(gram: torch.Tensor) -> torch.Tensor | None:
     chol, info = torch.linalg.cholesky_ex(gram, upper=True)
     return None if bool(info.any()) else chol
 
 
-def _triangular_factor(factors: torch.Tensor, transposed: bool = False) -> torch.Tensor | None:
+def _triangular_factor(factors: torch.Tensor, transposed: bool = False,
+                       on_nonfinite: Callable[[], None] | None = None) -> torch.Tensor | None:
     """R of the thin QR X = Q R (batched; X = ``factors``, or its transpose when ``transposed``),
     from Gram matrices and Cholesky: all GEMM-bound, Q never kept. None when a Gram matrix is
     singular (a zero or repeated column).
@@ -135,18 +152,32 @@ def _triangular_factor(factors: torch.Tensor, transposed: bool = False) -> torch
     CholeskyQR2 squares the condition number in the first Gram and fails for cond ≳ 3e3 in fp32 (trained
     up matrices reach 1e4); a shift of the first Gram by ~u·‖X‖² makes that pass succeed up to cond ~1/u and
     leaves a Q of cond ≲ 1e3, which the two plain passes then make orthogonal.
+
+    The first Gram's diagonal (each column's sum of squares) is finite exactly when every value is (in
+    fp64, no finite fp32 value can overflow it): ``on_nonfinite`` is called otherwise, and may raise. That
+    is the input check of factored layers, at no cost; None is returned when it does not raise.
     """
     def gram(x):
         return x @ x.transpose(1, 2) if transposed else x.transpose(1, 2) @ x
 
+    def finite(g) -> bool:
+        if bool(torch.isfinite(torch.diagonal(g, dim1=1, dim2=2)).all()):
+            return True
+        if on_nonfinite is not None:
+            on_nonfinite()
+        return False
+
     if factors.dtype == torch.float64:
-        return _gram_factor(gram(factors))
+        g = gram(factors)
+        return _gram_factor(g) if finite(g) else None
     rows, cols = (factors.shape[-1], factors.shape[-2]) if transposed else (factors.shape[-2], factors.shape[-1])
     eye = torch.eye(cols, dtype=factors.dtype, device=factors.device)
     unit = float(torch.finfo(factors.dtype).eps) / 2
     q, r = factors, None
     for step in range(3):
         g = gram(q)
+        if step == 0 and not finite(g):
+            return None
         if step == 0:
             norm2 = torch.diagonal(g, dim1=1, dim2=2).sum(-1)  # ‖X‖_F² per matrix
             g = g + (11 * (rows * cols + cols * (cols + 1)) * unit * norm2)[:, None, None] * eye
@@ -167,8 +198,9 @@ def _factored_batch(layers: list[Layer], device, buffers: GrowBuffers) -> list[t
     ups = _stacked(buffers, "up", [l.factors["up"].flatten(1) for l in layers], gram_dtype, device)
     downs = _stacked(buffers, "down", downs_flat, gram_dtype, device)
     scales = torch.tensor([l.scale for l in layers], dtype=torch.float32, device=device)
-    r_b = _triangular_factor(ups)  # B = Q_b R_b
-    r_a = _triangular_factor(downs, transposed=True)  # Aᵀ = Q_a R_a
+    r_b = _triangular_factor(ups, on_nonfinite=lambda: _refuse_nonfinite(layers, ups, "up"))  # B = Q_b R_b
+    r_a = _triangular_factor(downs, transposed=True,  # Aᵀ = Q_a R_a
+                             on_nonfinite=lambda: _refuse_nonfinite(layers, downs, "down"))
     if r_b is None or r_a is None:  # Householder, explicit U and Vh
         ups, downs = ups.to(torch.float32), downs.to(torch.float32)
         q_b, r_b = torch.linalg.qr(ups)
@@ -223,10 +255,11 @@ def decompose(lora: LoraFile | Iterable[Layer], *, device: torch.device | str | 
     groups: dict[tuple, list[Layer]] = defaultdict(list)
     dense: list[Layer] = []
     for layer in layers:
-        _check_input(layer)
         if _is_dense(layer):
+            _check_input(layer)
             dense.append(layer)
-        else:
+        else:  # factors checked where they are stacked (_check_stack)
+            _check_scale(layer)
             groups[(layer.out_features, layer.in_features, layer.rank)].append(layer)
     total, done = len(layers), 0
     results: dict[str, Decomposed] = {}

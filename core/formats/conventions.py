@@ -77,14 +77,21 @@ CONVENTIONS: dict[str, Convention] = {
 NO_ALPHA_STYLES = (".lora_B.weight", ".lora_B.default.weight")
 
 
+_LONGEST_SUFFIX = max(map(len, READ_SUFFIXES))
+
+
 def split_key(key: str) -> tuple[str, str | None, str] | None:
-    """(prefix, kind, role) of a tensor key, by its longest known suffix; None if none is known."""
-    best = max((suffix for suffix in READ_SUFFIXES if key.endswith(suffix) and len(key) > len(suffix)),
-               key=len, default=None)
-    if best is None:
-        return None
-    kind, role = READ_SUFFIXES[best]
-    return key[: -len(best)], kind, role
+    """(prefix, kind, role) of a tensor key, by its longest known suffix; None if none is known.
+
+    Every suffix starts at a '.' or '_': only those positions in the key's last few characters are looked
+    up, leftmost first (the longest), instead of testing every suffix (a 3000-key file is read three times
+    per resize)."""
+    for start in range(max(1, len(key) - _LONGEST_SUFFIX), len(key)):  # start >= 1: a non-empty prefix
+        if key[start] in "._":
+            found = READ_SUFFIXES.get(key[start:])
+            if found is not None:
+                return key[:start], found[0], found[1]
+    return None
 
 
 def split_key_suffix(key: str) -> tuple[str, str | None, str, str] | None:

@@ -22,6 +22,7 @@ from .. import naming
 from ..errors import LoraError, UnsupportedFormat
 from ..model import Layer, LoraFile
 from ..safetensors_io import load_tensors, read_header
+from ..values import all_finite
 from .conventions import PASSTHROUGH_ROLES, split_key_suffix, unsupported_family
 from .shapes import layer_shape, swap_output_halves
 
@@ -116,9 +117,12 @@ def _is_weight_diff(tensor: torch.Tensor) -> bool:
     return tensor.dim() >= 2 and tensor.shape[0] > 1 and math.prod(tensor.shape[1:]) > 1
 
 
-def build_group(prefix: str, roles: Roles, arch: str, peft_alphas: "_PeftAlphas", label: str
-                ) -> tuple[Optional[Layer], dict[str, torch.Tensor], list[str]]:
-    """One prefix's tensors -> (layer or None, pass-through entries {key: tensor}, keys left out)."""
+def build_group(prefix: str, roles: Roles, arch: str, peft_alphas: "_PeftAlphas", label: str,
+                check_values: bool = True) -> tuple[Optional[Layer], dict[str, torch.Tensor], list[str]]:
+    """One prefix's tensors -> (layer or None, pass-through entries {key: tensor}, keys left out).
+
+    ``check_values=False`` skips the NaN/Inf pass over every value: for the read-back of a file just
+    written, whose tensors are then compared bit for bit (or by ΔW) with finite ones anyway."""
     extras: dict[str, torch.Tensor] = {}
     roles = dict(roles)
     carried = [role for role in PASSTHROUGH_ROLES if role in roles]
@@ -130,10 +134,10 @@ def build_group(prefix: str, roles: Roles, arch: str, peft_alphas: "_PeftAlphas"
         _, tensor, suffix = roles.pop(role)
         extras[prefix + suffix] = tensor
     for key, tensor in extras.items():
-        _check_values(key[len(prefix):].lstrip("."), tensor, False, label, prefix)
+        _check_values(key[len(prefix):].lstrip("."), tensor, False, label, prefix, check_values)
     if not roles:
         return None, extras, []
-    layer = _build_layer(prefix, roles, arch, peft_alphas, label)
+    layer = _build_layer(prefix, roles, arch, peft_alphas, label, check_values)
     leftover = [] if layer is not None else [prefix + suffix for _, _, suffix in roles.values()]
     return layer, extras, leftover
 
@@ -171,20 +175,18 @@ def not_a_lora(tensors: Mapping[str, torch.Tensor], label: str,
 def _finite_in_fp32(tensor: torch.Tensor) -> bool:
     """Whether every value is finite and stays so in fp32, where all the maths runs.
 
-    One reduction instead of an elementwise mask: fp16/bf16/fp32 by their min and max (NaN propagates
-    into both, an Inf is one of them; every finite value of these fits fp32; 4x faster than a widening
-    sum on CPU), fp8 by a sum in fp32, which a NaN or Inf anywhere makes non-finite. fp64 is checked by
-    its largest magnitude, which must fit fp32 (a NaN fails the comparison)."""
+    fp16/bf16/fp32 by their bits (every finite value of these fits fp32; see ``core.values``), fp8 by a
+    sum in fp32, which a NaN or Inf anywhere makes non-finite. fp64 is checked by its largest magnitude,
+    which must fit fp32 (a NaN fails the comparison)."""
     if tensor.dtype == torch.float64:
         return float(tensor.abs().max()) <= torch.finfo(torch.float32).max
     if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        low, high = torch.aminmax(tensor)
-        return math.isfinite(float(low)) and math.isfinite(float(high))
-    wide = torch.float64 if tensor.dtype == torch.float32 else torch.float32
-    return bool(torch.isfinite(tensor.sum(dtype=wide)))
+        return all_finite(tensor)
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
 
 
-def _check_values(role: str, tensor: torch.Tensor, factor: bool, label: str, prefix: str) -> None:
+def _check_values(role: str, tensor: torch.Tensor, factor: bool, label: str, prefix: str,
+                  finite: bool = True) -> None:
     """A stored tensor that is empty, not a float, or holds a NaN/Inf is refused here, naming its layer."""
     what = f"factor {role}" if factor else role
     if not tensor.is_floating_point():
@@ -194,7 +196,7 @@ def _check_values(role: str, tensor: torch.Tensor, factor: bool, label: str, pre
         rank0 = ": a rank-0 layer changes nothing and cannot be resized" if factor else ""
         raise LoraError(f"{what} is empty (shape {list(tensor.shape)}){rank0}", file=label, layer=prefix,
                         fix="re-export the LoRA without this layer, or with a rank of at least 1")
-    if not _finite_in_fp32(tensor):
+    if finite and not _finite_in_fp32(tensor):
         raise LoraError(f"{what} holds NaN or Inf values (or values too large for fp32)", file=label,
                         layer=prefix, fix="the training diverged; use an earlier checkpoint of this LoRA")
 
@@ -206,7 +208,8 @@ def layer_key(layer: Layer) -> str:
     return f"{layer.name}[{layer.offset[1]}:{layer.offset[1] + layer.offset[2]}]"
 
 
-def _build_layer(prefix: str, stored: Roles, arch: str, peft_alphas: "_PeftAlphas", label: str) -> Optional[Layer]:
+def _build_layer(prefix: str, stored: Roles, arch: str, peft_alphas: "_PeftAlphas", label: str,
+                 check_values: bool = True) -> Optional[Layer]:
     """The layer of one LoRA-shaped group, whatever its prefix: a prefix no naming table knows keeps its
     name verbatim (its shape comes from its factors). None for extras without factors (a lone alpha)."""
     roles = {role: (kind, tensor) for role, (kind, tensor, _) in stored.items()}
@@ -224,7 +227,7 @@ def _build_layer(prefix: str, stored: Roles, arch: str, peft_alphas: "_PeftAlpha
         target = naming.Target(prefix)
     for role, (_, tensor) in roles.items():
         if role != "alpha":
-            _check_values(role, tensor, role in factors, label, prefix)
+            _check_values(role, tensor, role in factors, label, prefix, check_values)
     shape = layer_shape(kind, factors, target.name, arch, prefix=prefix, label=label)
     alpha = _alpha(prefix, roles, kind, factors, peft_alphas, label)
     swapped = target.swaps(shape)

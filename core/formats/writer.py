@@ -30,6 +30,7 @@ from ..delta import delta_weight, effective_down, tucker_half
 from ..errors import LoraError
 from ..metadata import SdScriptsHasher, output_metadata
 from ..model import Layer, LoraFile
+from ..values import all_finite
 from ..safetensors_io import (
     data_chunks,
     header_bytes,
@@ -78,6 +79,8 @@ def checked_cast(tensor: torch.Tensor, dtype: torch.dtype | None, *, layer: str,
     all zeros (underflow) is only a warning: the file is valid, that layer just does nothing."""
     out = _cast(tensor, dtype)
     if out.is_meta or not out.is_floating_point():
+        return out
+    if out is tensor and all_finite(out):  # no cast: nothing can underflow, and finite is all to check
         return out
     low, high = value_range(out)
     if low == 0.0 == high and out is not tensor and out.numel() and any(value_range(tensor)):
