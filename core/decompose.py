@@ -176,9 +176,9 @@ def _triangular_factor(factors: torch.Tensor, transposed: bool = False,
     q, r = factors, None
     for step in range(3):
         g = gram(q)
-        if step == 0 and not finite(g):
-            return None
         if step == 0:
+            if not finite(g):
+                return None
             norm2 = torch.diagonal(g, dim1=1, dim2=2).sum(-1)  # ‖X‖_F² per matrix
             g = g + (11 * (rows * cols + cols * (cols + 1)) * unit * norm2)[:, None, None] * eye
         chol = _gram_factor(g)
@@ -258,7 +258,7 @@ def decompose(lora: LoraFile | Iterable[Layer], *, device: torch.device | str | 
         if _is_dense(layer):
             _check_input(layer)
             dense.append(layer)
-        else:  # factors checked where they are stacked (_check_stack)
+        else:  # factors checked from the first Gram's diagonal (_triangular_factor)
             _check_scale(layer)
             groups[(layer.out_features, layer.in_features, layer.rank)].append(layer)
     total, done = len(layers), 0

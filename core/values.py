@@ -9,7 +9,6 @@ the signed one finds a positive non-finite value, the unsigned one a negative.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 import numpy as np
@@ -25,7 +24,8 @@ _PATTERNS = {
 
 def _memcmp():
     try:
-        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(ctypes.util.find_library("c"))
+        # the process's own symbols hold libc's memcmp (find_library would run ldconfig at import)
+        libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
         fn = libc.memcmp
     except (OSError, AttributeError):
         return None
@@ -51,8 +51,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return int(bits.max()) < positive and int(bits.view(unsigned).max()) < negative
 
 
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (so NaN equals the same NaN, and -0.0 differs from 0.0)."""
+def bits_equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Same dtype, shape and bytes (so NaN equals the same NaN, and -0.0 differs from 0.0); two Nones are equal."""
+    if a is None or b is None:
+        return a is None and b is None
     if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
         return False
     if a.device.type != "cpu" or b.device.type != "cpu" or _MEMCMP is None:

@@ -10,8 +10,8 @@ Two checks, both cheap (no dense ΔW of a factored layer is ever formed):
 
 A layer read back with the very bits it was written with (kind, factors, scale, bias, magnitude: the usual
 case, as rebuilt factors are already at the output dtype) has the same ΔW by construction; only the others
-(a cast, a baked scale, a layout change, a corrupted byte) are compared by ΔW, through random probes: ‖ΔW x − ΔW' x‖ ≤ 16 u ‖|ΔW| |x|‖ + 1e-6 ‖ΔW x‖ for two Gaussian
-x per weight, where u is the unit roundoff of the least precise dtype involved (2⁻¹¹ for fp16, 2⁻⁸ for
+(a cast, a baked scale, a layout change, a corrupted byte) are compared by ΔW, through random probes:
+‖ΔW x − ΔW' x‖ ≤ 16 u ‖|ΔW| |x|‖ + 1e-6 ‖ΔW x‖ for two Gaussian x per weight, where u is the unit roundoff of the least precise dtype involved (2⁻¹¹ for fp16, 2⁻⁸ for
 bf16, ~1e-7 for fp32) and |ΔW| is the product of the factors' absolute values: the scale of the rounding
 a cast or a baked scale can cause. A dropped, zeroed, swapped or misplaced tensor is off by about ‖ΔW x‖.
 """
@@ -227,8 +227,7 @@ def _check_group(stored: Mapping[str, torch.Tensor], prefix: str, lora: LoraFile
         raise _mismatch(f"{', '.join(leftover)} read back as no layer", prefix, label)
     for key, tensor in extras.items():
         source = lora.passthrough.get(key)
-        if source is None or source.dtype != tensor.dtype or not torch.equal(source.reshape(-1).view(torch.uint8),
-                                                                            tensor.reshape(-1).view(torch.uint8)):
+        if source is None or not bits_equal(source, tensor):
             raise _mismatch(f"the pass-through entry {key} is not byte-equal to the source", key, label)
         seen_extras.add(key)
     if layer is None:
@@ -241,20 +240,14 @@ def _check_group(stored: Mapping[str, torch.Tensor], prefix: str, lora: LoraFile
         _compare(meant.name, [meant], [_placed(layer, meant)], f"written as {prefix}")
 
 
-def _bits_equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return bits_equal(a, b)
-
-
 def _identical(read: Layer, meant: Layer) -> bool:
     """The layer read back holds the very bits of the layer meant (same kind, factors, scale, bias and
     magnitude): then its ΔW is the same by construction, and the probes are not needed. The usual case
     (factors written as they are, alpha exact); anything else (a cast, a baked scale, a layout change)
     goes to the ΔW comparison."""
     return (read.kind == meant.kind and read.scale == meant.scale and read.factors.keys() == meant.factors.keys()
-            and all(_bits_equal(read.factors[role], meant.factors[role]) for role in meant.factors)
-            and _bits_equal(read.bias_diff, meant.bias_diff) and _bits_equal(read.dora_scale, meant.dora_scale))
+            and all(bits_equal(read.factors[role], meant.factors[role]) for role in meant.factors)
+            and bits_equal(read.bias_diff, meant.bias_diff) and bits_equal(read.dora_scale, meant.dora_scale))
 
 
 def _check_identity(read: Layer, meant: Layer, prefix: str, label: str) -> None:

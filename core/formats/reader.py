@@ -175,14 +175,11 @@ def not_a_lora(tensors: Mapping[str, torch.Tensor], label: str,
 def _finite_in_fp32(tensor: torch.Tensor) -> bool:
     """Whether every value is finite and stays so in fp32, where all the maths runs.
 
-    fp16/bf16/fp32 by their bits (every finite value of these fits fp32; see ``core.values``), fp8 by a
-    sum in fp32, which a NaN or Inf anywhere makes non-finite. fp64 is checked by its largest magnitude,
-    which must fit fp32 (a NaN fails the comparison)."""
+    fp8/fp16/bf16/fp32 by their bits (every finite value of these fits fp32; see ``core.values``); fp64
+    by its largest magnitude, which must fit fp32 (a NaN fails the comparison)."""
     if tensor.dtype == torch.float64:
         return float(tensor.abs().max()) <= torch.finfo(torch.float32).max
-    if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return all_finite(tensor)
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float32)))
+    return all_finite(tensor)
 
 
 def _check_values(role: str, tensor: torch.Tensor, factor: bool, label: str, prefix: str,
