@@ -126,6 +126,16 @@ STYLES: dict[tuple[str, str], list[tuple[str, str, tuple[int, int] | None]]] = {
          "diffusion_model.distilled_guidance_layer.layers.0.in_layer", None),
         ("lora_unet_double_blocks_0_img_attn_qkv", "diffusion_model.double_blocks.0.img_attn.qkv", None),
         ("lora_unet_single_blocks_0_linear1", "diffusion_model.single_blocks.0.linear1", None)],
+    ("chroma", "kohya_t5"): [  # no distilled_guidance_layer: the T5 under lora_te1_ says Chroma (host: no CLIP-L)
+        ("lora_unet_double_blocks_0_img_attn_qkv", "diffusion_model.double_blocks.0.img_attn.qkv", None),
+        ("lora_te1_encoder_block_0_layer_0_SelfAttention_q",
+         "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q", None)],
+    ("flux", "kohya_t5"): [  # sd-scripts lora_flux.py: CLIP-L as lora_te1_, T5 as lora_te3_
+        ("lora_unet_single_blocks_0_linear1", "diffusion_model.single_blocks.0.linear1", None),
+        ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+         "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj", None),
+        ("lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0",
+         "t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0", None)],
     ("sdxl_refiner", "kohya"): [
         ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
          "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q", None),
@@ -225,6 +235,23 @@ def test_detection_by_metadata_and_width():
                                        "lora_unet_up_blocks_2_attentions_0_proj_in"], {}) != "sdxl_refiner"
     assert naming.detect_architecture(["lora_unet_down_blocks_0_attentions_0_proj_in",
                                        "lora_unet_up_blocks_2_attentions_0_proj_in"], {}) == "sd15"
+
+
+def test_t5_names_under_a_clip_prefix_are_no_clip_weight():
+    """T5's encoder.block.N under Flux's CLIP-L prefix was once read as clip_l...text_model.encoder.block.N (a
+    weight CLIP has not), and a convert renamed it; it is unknown to Flux (kept verbatim), T5 to Chroma."""
+    key = "lora_te1_encoder_block_0_layer_0_SelfAttention_q"
+    assert naming.to_canonical(key, "flux") is None
+    assert naming.to_canonical(key, "sd3") is None
+    assert naming.to_canonical(key, "chroma").name == "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"
+    # PEFT/transformers-5 CLIP names without the text_model wrapper still read
+    assert naming.to_canonical("text_encoder.encoder.layers.0.mlp.fc1", "flux").name == \
+        "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1"
+    # Flux's layout without T5 under lora_te1_ stays Flux; LTX-Video's T5 under lora_te1_ does not become Chroma
+    flux_only = ["lora_unet_double_blocks_0_img_attn_qkv", "lora_te1_text_model_encoder_layers_0_mlp_fc1"]
+    assert naming.detect_architecture(flux_only, {}, {n: (3072, 3072) for n in flux_only}) == "flux"
+    ltx = ["diffusion_model.transformer_blocks.0.attn1.to_q", "lora_te1_encoder_block_0_layer_0_SelfAttention_q"]
+    assert naming.detect_architecture(ltx, {}, {n: (2048, 2048) for n in ltx}) != "chroma"
 
 
 def _pair(prefix: str, out: int, inp: int, seed: int) -> dict[str, torch.Tensor]:

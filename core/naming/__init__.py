@@ -25,9 +25,10 @@ _UNET_DOTTED = ("unet.base_model.model.", "base_model.model.", "unet.", "transfo
 def _encoder_target(encoder: str, path: str) -> Optional[Target]:
     if encoder == "t5xxl":
         return Target(f"t5xxl.transformer.{path}") if path.startswith("encoder.") or path == "shared" else None
-    if path.startswith("encoder.") or path == "final_layer_norm":
+    if path.startswith("encoder.layers.") or path == "final_layer_norm":
         path = f"text_model.{path}"  # transformers 5 / PEFT without the text_model wrapper
-    if path.startswith("text_model.") or path == "text_projection":
+    if path.startswith(("text_model.embeddings.", "text_model.encoder.layers.", "text_model.final_layer_norm")) \
+            or path == "text_projection":  # T5's encoder.block.N under a CLIP prefix is no CLIP weight
         return Target(f"{encoder}.transformer.{path}")
     return None
 

@@ -418,6 +418,14 @@ def chroma_kohya(host: HostModel, seed: int = 0) -> dict:
     return _write(host, seed, _via_map(host, names), "kohya", torch.bfloat16)
 
 
+def chroma_kohya_t5(host: HostModel, seed: int = 0) -> dict:
+    """sd-scripts' Flux network on Chroma with the text encoder trained: T5 as ``lora_te1_encoder_...`` (ComfyUI
+    numbers T5 first when the model has no CLIP-L), no distilled_guidance_layer: nothing but the T5 says Chroma."""
+    names = [(_underscore("lora_unet_", p), p) for p in _chroma_paths(host)]
+    return _write(host, seed, _via_map(host, names) + _te_names(host, ("lora_te1_encoder_",)), "kohya",
+                  torch.bfloat16)
+
+
 def chroma_comfy(host: HostModel, seed: int = 0) -> dict:
     return _write(host, seed, _via_map(host, [(f"diffusion_model.{p}", p) for p in _chroma_paths(host)]), "peft",
                   torch.bfloat16)
@@ -514,6 +522,8 @@ CONVENTIONS: list[Convention] = [
                lumina_diffusers, host_loads=False),
     Convention("chroma", "kohya", "kohya sd-scripts (Chroma as Flux)",
                "lora_unet_single_blocks_0_linear1.lora_down.weight", chroma_kohya),
+    Convention("chroma", "kohya_t5", "kohya sd-scripts (Chroma as Flux, T5 as lora_te1_)",
+               "lora_te1_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", chroma_kohya_t5),
     Convention("chroma", "comfy", "ai-toolkit / ComfyUI", "diffusion_model.double_blocks.0.txt_mlp.2.lora_A.weight",
                chroma_comfy),
     Convention("chroma", "diffusers", "diffusers/PEFT",

@@ -44,7 +44,7 @@ HOST_PATCHES = {
     ("ltxv", "comfy"): 20,
     ("hidream", "simpletuner"): 94, ("hidream", "lycoris"): 94, ("hidream", "comfy"): 94,
     ("lumina2", "kohya"): 20, ("lumina2", "comfy"): 20,
-    ("chroma", "kohya"): 20, ("chroma", "comfy"): 20, ("chroma", "diffusers"): 34,
+    ("chroma", "kohya"): 20, ("chroma", "kohya_t5"): 34, ("chroma", "comfy"): 20, ("chroma", "diffusers"): 34,
     ("sdxl_refiner", "kohya"): 184, ("sdxl_refiner", "sgm"): 132,
 }
 # (family, convention) -> (patched, unloaded keys) for the key styles the host itself refuses.
@@ -268,7 +268,8 @@ def base_files(lora_files, tmp_path_factory):
 def _base_cases():
     for c in LOADED:
         yield pytest.param(c, "single", id=f"{_id(c)}-single")
-        if (c.family, c.name) not in (("sd3", "kohya"), ("sdxl_refiner", "kohya")):  # encoders: not in a bare file
+        encoders = (("sd3", "kohya"), ("sdxl_refiner", "kohya"), ("chroma", "kohya_t5"))  # not in a bare file
+        if (c.family, c.name) not in encoders:
             yield pytest.param(c, "bare", id=f"{_id(c)}-bare")
 
 
@@ -294,11 +295,11 @@ def test_base_aware_resize_matches_every_layer_to_the_base(lora_files, base_file
 
 
 # test-model family -> the naming family detection must pick from the trainer's key names alone. Chroma's block
-# names are Flux's (ComfyUI's Chroma is a Flux model): without distilled_guidance_layer keys or metadata it reads
-# as Flux, whose tables write the same names.
+# names are Flux's (ComfyUI's Chroma is a Flux model): without distilled_guidance_layer keys, metadata or T5 under
+# lora_te1_ (which only a model without CLIP-L maps) it reads as Flux, whose tables write the same names.
 DETECTED = {"wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v_5b": "wan", "qwen_image": "qwen_image", "sd3": "sd3",
             "hunyuan_video": "hunyuan_video", "ltxv": "ltxv", "hidream": "hidream", "lumina2": "lumina2",
-            "chroma": "flux", "sdxl_refiner": "sdxl_refiner"}
+            "chroma": "flux", "sdxl_refiner": "sdxl_refiner", ("chroma", "kohya_t5"): "chroma"}
 
 
 @pytest.mark.parametrize("conv", CONVENTIONS, ids=_id)
@@ -307,5 +308,5 @@ def test_family_detected_from_the_trainers_names(lora_files, conv):
 
     _, path, _ = lora_files[(conv.family, conv.name)]
     lora = read_lora(path)
-    assert lora.architecture == DETECTED[conv.family]
+    assert lora.architecture == DETECTED.get((conv.family, conv.name), DETECTED[conv.family])
     assert not [layer.source_key for layer in lora if layer.verbatim]  # every layer named by the family's table

@@ -2,7 +2,15 @@
 maps from ``lora_te1_`` when there is no CLIP). ComfyUI's Chroma is a Flux model, so Flux's diffusers names load."""
 from __future__ import annotations
 
+import re
+
+from . import flux
+from .base import Family
 from .flux import Flux
+
+# T5 (``encoder_block_N``) under lora_te1_/lora_te_: ComfyUI maps T5 there only for a model without CLIP-L, and
+# of the models with Flux's block names only Chroma has none.
+T5_FIRST = re.compile(r"^lora_te1?_encoder_(block|final_layer_norm)")
 
 
 class Chroma(Flux):
@@ -22,7 +30,10 @@ class Chroma(Flux):
         return super().unet_target(path)
 
     def score(self, names, shapes) -> float:
-        return super(Flux, self).score(names, shapes)
+        own = Family.score(self, names, shapes)
+        if any(T5_FIRST.match(n) for n in names) and Family.score(flux.FAMILY, names, shapes) > 0:
+            own += flux.FAMILY.score(names, shapes) + 1  # Flux's layout, and a T5 only Chroma loads there
+        return own
 
 
 FAMILY = Chroma()

@@ -1,5 +1,6 @@
 """Flux.1: BFL paths (fused ``img_attn.qkv``, ``linear1``), diffusers names as row slices (``core.naming.flux``),
-CLIP-L and T5 as ``lora_te1_``/``lora_te2_``."""
+CLIP-L as ``lora_te1_``, T5 as ``lora_te3_`` (sd-scripts' lora_flux.py) or ``lora_te2_`` (OneTrainer); ComfyUI maps
+both for a model with CLIP-L."""
 from __future__ import annotations
 
 from typing import Optional
@@ -19,9 +20,10 @@ class Flux(Family):
     title = "Flux.1"
     marks = ((r"double_blocks|single_blocks", 10), (r"single_transformer_blocks", 30), (SHARED_DOUBLE, 10))
     metadata = ("flux",)
-    encoders = {"lora_te_": "clip_l", "lora_te1_": "clip_l", "lora_te2_": "t5xxl", "text_encoder.": "clip_l",
+    encoders = {"lora_te_": "clip_l", "lora_te1_": "clip_l", "lora_te2_": "t5xxl", "lora_te3_": "t5xxl",
+                "text_encoder.": "clip_l",
                 "text_encoder_2.": "t5xxl"}
-    encoder_out = {"kohya": {"clip_l": "lora_te1_", "t5xxl": "lora_te2_"},
+    encoder_out = {"kohya": {"clip_l": "lora_te1_", "t5xxl": "lora_te3_"},  # as sd-scripts writes it
                    "peft": {"clip_l": "text_encoder.", "t5xxl": "text_encoder_2."}}
     outputs = ("kohya", "comfy", "peft")
     diffusers_classes = ("FluxTransformer2DModel",)
