@@ -246,6 +246,23 @@ def _single_file_name(key: str) -> list[tuple[str, Optional[tuple[int, int]]]]:
     return []
 
 
+def _release_names_renamed(pieces: dict[str, list[Piece]]) -> dict[str, list[Piece]]:
+    """A base in its original release's names (Tencent's HunyuanVideo) read under ComfyUI's names, renamed by the
+    family's table as ComfyUI renames it on load, so the LoRA's layers (named for ComfyUI's model) find it."""
+    unet = "diffusion_model."
+    keys = [name[len(unet):] + ".weight" for name in pieces if name.startswith(unet)]
+    original = naming.original_base_family(keys)
+    if original is None:
+        return pieces
+    renamed = {}
+    for name, value in pieces.items():
+        if name.startswith(unet):
+            key = original.base_key(name[len(unet):] + ".weight")
+            name = unet + (key[: -len(".weight")] if key.endswith(".weight") else key)
+        renamed[name] = value
+    return renamed
+
+
 def _looks_like_lora(keys: Iterable[str]) -> bool:
     """Any key holding a LoRA factor (up/down, LoHa, LoKr): base checkpoints have none."""
     return any((parts := split_key(k)) is not None and parts[1] in ("lora", "loha", "lokr") for k in keys)
@@ -269,6 +286,7 @@ def _open_file(path: str) -> SafetensorsBase:
                 third = shape[0] // 3
                 rows = (qkv[0] * third, third)
             pieces[name] = [(path, key, rows)]
+    pieces = _release_names_renamed(pieces)
     if not pieces:
         raise LoraError("no model weights recognised in this checkpoint", file=path,
                         fix="give an SD1.5, SDXL or Flux checkpoint in .safetensors format or a diffusers folder")

@@ -8,6 +8,7 @@ Canonical names: ``diffusion_model.<the model's ComfyUI path>`` for the UNet/tra
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Mapping, Optional, Sequence
 
 from . import flux, unet_sd
@@ -118,6 +119,15 @@ def diffusers_family(class_names: Iterable[str]) -> Optional[str]:
 
 # --- architecture detection --------------------------------------------------------------------
 
+def original_base_family(keys: Iterable[str]) -> Optional[Family]:
+    """The family whose original release names a base's diffusion-model keys (no prefix) are in, if any."""
+    keys = list(keys)
+    for fam in FAMILIES:
+        if fam.original_base and any(re.search(fam.original_base, key) for key in keys):
+            return fam
+    return None
+
+
 def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str],
                         shapes: Optional[Shapes] = None) -> str:
     """A registered family name or "unknown", from layer names and widths, then trainer metadata."""
@@ -131,4 +141,4 @@ def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str],
 
 
 __all__ = ["ARCHITECTURES", "Family", "Target", "check_output", "detect_architecture", "diffusers_family",
-           "diffusion_roots", "family", "from_canonical", "fused_rows", "split_parts", "swapped_halves", "to_canonical"]
+           "diffusion_roots", "family", "from_canonical", "fused_rows", "original_base_family", "split_parts", "swapped_halves", "to_canonical"]

@@ -294,6 +294,61 @@ def test_base_aware_resize_matches_every_layer_to_the_base(lora_files, base_file
     assert max_relative_difference(host_delta(host, source), host_delta(host, resized)) < 1e-5
 
 
+# ComfyUI's HunyuanVideo names -> Tencent's release names (what ComfyUI's process_unet_state_dict renames back)
+TENCENT = (("_mod.lin.", "_mod.linear."), ("_attn.qkv.", "_attn_qkv."), ("_attn.proj.", "_attn_proj."),
+           (".modulation.lin.", ".modulation.linear."), ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."),
+           ("time_in.in_layer.", "time_in.mlp.0."), ("time_in.out_layer.", "time_in.mlp.2."),
+           ("guidance_in.in_layer.", "guidance_in.mlp.0."), ("guidance_in.out_layer.", "guidance_in.mlp.2."),
+           ("txt_in.t_embedder.in_layer.", "txt_in.t_embedder.mlp.0."),
+           ("txt_in.t_embedder.out_layer.", "txt_in.t_embedder.mlp.2."),
+           ("txt_in.c_embedder.in_layer.", "txt_in.c_embedder.linear_1."),
+           ("txt_in.c_embedder.out_layer.", "txt_in.c_embedder.linear_2."),
+           ("_attn.norm.query_norm.scale", "_attn_q_norm.weight"), ("_attn.norm.key_norm.scale", "_attn_k_norm.weight"),
+           (".norm.query_norm.scale", ".q_norm.weight"), (".norm.key_norm.scale", ".k_norm.weight"))
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_tencent_named_hunyuan_base_reads_as_comfyui_names_it(lora_files, base_files, prefix, tmp_path):
+    """A HunyuanVideo base in Tencent's release names (bare, as UNETLoader takes it, or under the single-file
+    prefix) gives the same weights under the same names as ComfyUI's, and the same resize of a diffusion-pipe LoRA."""
+    import glob
+
+    from safetensors import safe_open
+
+    from core.base import open_base
+    from core.cli import main
+    from core.naming import family
+
+    comfy_file = base_files[("hunyuan_video", "bare")]
+    tencent = {}
+    with safe_open(str(comfy_file), "pt") as fh:
+        for key in fh.keys():
+            name = key
+            for comfy, original in TENCENT:
+                name = name.replace(comfy, original)
+            assert family("hunyuan_video").base_key(name) == key  # the host's renames undo these
+            tencent[prefix + name] = fh.get_tensor(key)
+    renamed = sum(1 for key in tencent if "_attn_qkv." in key or "mlp.fc1." in key or "linear_1." in key)
+    assert renamed >= 10
+    tencent_file = tmp_path / "hunyuan_video_720_tencent_names.safetensors"
+    save_file(tencent, str(tencent_file))
+    ours, theirs = open_base(str(tencent_file)), open_base(str(comfy_file))
+    assert ours.names() == theirs.names()
+    for name in theirs.names():
+        assert torch.equal(ours.weight(name), theirs.weight(name)), name
+
+    _, lora, _ = lora_files[("hunyuan_video", "diffusion_pipe")]
+    outputs = []
+    for base in (comfy_file, tencent_file):
+        out = tmp_path / base.stem
+        assert main(["resize", str(base), str(lora), "-o", str(out), "-r", "fro_ckpt=1,thr=-2.5", "-t", "32"]) == 0
+        (written,) = glob.glob(str(out / "*.safetensors"))
+        with safe_open(written, "pt") as fh:
+            outputs.append({key: fh.get_tensor(key) for key in fh.keys()})
+    assert outputs[0].keys() == outputs[1].keys()
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+
+
 # test-model family -> the naming family detection must pick from the trainer's key names alone. Chroma's block
 # names are Flux's (ComfyUI's Chroma is a Flux model): without distilled_guidance_layer keys, metadata or T5 under
 # lora_te1_ (which only a model without CLIP-L maps) it reads as Flux, whose tables write the same names.

@@ -41,6 +41,10 @@ class Family:
     outputs: ClassVar[tuple[str, ...]] = ("kohya", "comfy")  # conventions ComfyUI 0.3.64 loads for it
     diffusers_classes: ClassVar[tuple[str, ...]] = ()  # diffusers ``_class_name`` of its transformer/unet
     unloadable: ClassVar[str] = "it has no key map for them"  # why the host cannot load the refused conventions
+    # A base checkpoint in the model's original release names, as ComfyUI's ``process_unet_state_dict`` takes it:
+    # a regex that one of its diffusion-model keys matches, and the (old, new) replacements in ComfyUI's order.
+    original_base: ClassVar[str] = ""
+    original_base_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self) -> None:
         self._vocabulary = Vocabulary(ATOMS + self.atoms)
@@ -62,6 +66,12 @@ class Family:
         """The diffusion-model weight a dotted path (any producer prefix removed) changes; None if unknown."""
         path = self.renamed(path)
         return Target(f"diffusion_model.{path}") if path.startswith(self.roots) else None
+
+    def base_key(self, key: str) -> str:
+        """A diffusion-model key (``.weight`` included, no prefix) of an original-release base in ComfyUI's names."""
+        for old, new in self.original_base_renames:
+            key = key.replace(old, new)
+        return key
 
     # --- writing ---------------------------------------------------------------------------------
 

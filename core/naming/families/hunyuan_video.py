@@ -26,6 +26,19 @@ class HunyuanVideo(Family):
     marks = ((r"\.(img|txt)_attn_(qkv|proj)$|_mod[._]linear$|(img|txt)_mlp[._]fc[12]$|modulation[._]linear$", 60),
              (r"individual_token_refiner|txt_in[._]c_embedder", 60), (root(r"(double|single)_blocks"), 10))
     metadata = ("hunyuan-video", "hunyuan_video", "hunyuanvideo")
+    # Tencent's release names (and Kijai's safetensors of them), renamed exactly as ComfyUI's HunyuanVideo
+    # process_unet_state_dict (comfy/supported_models.py) does when UNETLoader loads such a file
+    original_base = r"(^|\.)double_blocks\.\d+\.img_attn_qkv\.weight$"
+    original_base_renames = (
+        ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+        ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+        ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+        ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+        ("_mod.linear.", "_mod.lin."), ("_attn_qkv.", "_attn.qkv."), ("mlp.fc1.", "mlp.0."), ("mlp.fc2.", "mlp.2."),
+        ("_attn_q_norm.weight", "_attn.norm.query_norm.scale"), ("_attn_k_norm.weight", "_attn.norm.key_norm.scale"),
+        (".q_norm.weight", ".norm.query_norm.scale"), (".k_norm.weight", ".norm.key_norm.scale"),
+        ("_attn_proj.", "_attn.proj."), (".modulation.linear.", ".modulation.lin."),
+        ("_in.mlp.2.", "_in.out_layer."), ("_in.mlp.0.", "_in.in_layer."))
     outputs = ("kohya", "comfy", "peft")
     diffusers_classes = ("HunyuanVideoTransformer3DModel",)
 
