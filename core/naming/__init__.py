@@ -141,4 +141,5 @@ def detect_architecture(prefixes: Iterable[str], metadata: Mapping[str, str],
 
 
 __all__ = ["ARCHITECTURES", "Family", "Target", "check_output", "detect_architecture", "diffusers_family",
-           "diffusion_roots", "family", "from_canonical", "fused_rows", "original_base_family", "split_parts", "swapped_halves", "to_canonical"]
+           "diffusion_roots", "family", "from_canonical", "fused_rows", "original_base_family", "split_parts",
+           "swapped_halves", "to_canonical"]
