@@ -120,33 +120,65 @@ class Evaluation:
         return best or self.run(make(low))
 
 
-def kohya_row(evaluation: Evaluation, ratio: float) -> dict | None:
-    """kohya sd-scripts' own resize_lora.py --dynamic_method sv_ratio at ``ratio`` on the same file."""
-    scripts = os.environ.get("KOHYA_SD_SCRIPTS")
-    if not scripts:
-        return None
+def _kohya_outputs(evaluation: Evaluation, ratios: list[float], tmp: str) -> list[dict]:
+    """Run kohya's resize_lora.py once per ratio; by default through bench/kohya_economy.py (one process, economy
+    SVDs remembered across ratios), with ``KOHYA_DENSE=1`` as their script ships (a process and dense SVDs each)."""
+    scripts = os.environ["KOHYA_SD_SCRIPTS"]
     python = os.environ.get("KOHYA_PYTHON", sys.executable)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "kohya.safetensors")
-        max_rank = max(item.layer.rank for item in evaluation.items)
-        cmd = [python, "networks/resize_lora.py", "--model", evaluation.lora_path, "--save_to", out,
-               "--new_rank", str(max_rank), "--dynamic_method", "sv_ratio", "--dynamic_param", repr(ratio),
-               "--save_precision", "fp16", "--device", "cpu"]
-        started = time.perf_counter()
-        env = {**os.environ, "PYTHONPATH": scripts}  # its `library` package, as `pip install -e .` would give
-        done = subprocess.run(cmd, cwd=scripts, capture_output=True, text=True, env=env,
-                              timeout=int(os.environ.get("KOHYA_TIMEOUT", "3600")))
+    max_rank = max(item.layer.rank for item in evaluation.items)
+    common = ["--model", evaluation.lora_path, "--new_rank", str(max_rank), "--save_precision", "fp16",
+              "--device", "cpu"]
+    # its `library` package, as `pip install -e .` would give, before what the caller put on the path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (scripts, os.environ.get("PYTHONPATH")) if p)}
+    timeout = int(os.environ.get("KOHYA_TIMEOUT", "7200"))
+    if os.environ.get("KOHYA_DENSE") != "1":
+        low_rank = ["--low-rank"] if os.environ.get("KOHYA_LOW_RANK") == "1" else []
+        checks = ["--check", os.environ.get("KOHYA_CHECK", "0")]
+        cmd = [python, os.path.join(ROOT, "bench", "kohya_economy.py"), scripts, tmp, *map(repr, ratios), *low_rank,
+               *checks, "--", *common]
+        done = subprocess.run(cmd, cwd=scripts, capture_output=True, text=True, env=env, timeout=timeout)
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
-            return {"recipe": f"kohya sv_ratio={ratio:.4g}", "error": f"exit {done.returncode}"}
-        resized = read_lora(out)
-        layers = {}
-        for item in evaluation.items:  # kohya keeps its key names: match by the canonical layer name
-            layers.update({item.key: layer for layer in resized if layer.name == item.layer.name})
-        resized.layers = layers
-        row = evaluation.measure(f"kohya sv_ratio={ratio:.4g}", resized, size=os.path.getsize(out))
-        row["seconds"] = time.perf_counter() - started
-        return row
+            return [{"error": f"exit {done.returncode}", "seconds": 0.0, "path": None} for _ in ratios]
+        records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        svd = "exact range (--low-rank)" if low_rank else "economy"
+        return [{**record, "svd": f"{svd}, remembered across ratios"} for record in records]
+    records = []
+    for ratio in ratios:
+        out = os.path.join(tmp, f"kohya_dense_{ratio!r}.safetensors")
+        cmd = [python, "networks/resize_lora.py", *common, "--dynamic_method", "sv_ratio", "--dynamic_param",
+               repr(ratio), "--save_to", out]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, cwd=scripts, capture_output=True, text=True, env=env, timeout=timeout)
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+        records.append({"ratio": ratio, "path": out if done.returncode == 0 else None, "svd": "dense (as shipped)",
+                        "seconds": time.perf_counter() - started, "error": done.returncode or None})
+    return records
+
+
+def kohya_rows(evaluation: Evaluation, ratios: list[float]) -> list[dict] | None:
+    """kohya sd-scripts' own resize_lora.py --dynamic_method sv_ratio at each ratio, measured on the same items."""
+    if not os.environ.get("KOHYA_SD_SCRIPTS"):
+        return None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ratio, record in zip(ratios, _kohya_outputs(evaluation, ratios, tmp)):
+            recipe = f"kohya sv_ratio={ratio:.4g}"
+            if not record.get("path"):
+                rows.append({"recipe": recipe, "error": str(record.get("error"))})
+                continue
+            resized = read_lora(record["path"])
+            layers = {}
+            for item in evaluation.items:  # kohya keeps its key names: match by the canonical layer name
+                layers.update({item.key: layer for layer in resized if layer.name == item.layer.name})
+            resized.layers = layers
+            row = evaluation.measure(recipe, resized, size=os.path.getsize(record["path"]))
+            row["seconds"] = record["seconds"]
+            row["kohya_svd"] = record["svd"]
+            row.update({k: record[k] for k in ("checked_layers", "max_rel_diff_vs_dense") if k in record})
+            rows.append(row)
+    return rows
 
 
 def evaluate(evaluation: Evaluation, anchors: list[str], seeds: int = 3, with_kohya: bool = True) -> list[dict]:
@@ -171,9 +203,11 @@ def evaluate(evaluation: Evaluation, anchors: list[str], seeds: int = 3, with_ko
         ratio = 10 ** -seed_step["threshold"]
         group["kohya_ratio"] = ratio
         group["rows"].append(evaluation.run(f"sv_ratio={ratio:.6g}"))
-        kohya = kohya_row(evaluation, ratio) if with_kohya else None
-        if kohya is not None:
-            group["rows"].append(kohya)
+        kohya = kohya_rows(evaluation, [ratio]) if with_kohya else None
+        group["rows"].extend(kohya or [])
+        for row in [r for r in kohya or [] if "mib" in r]:  # kohya's file is larger (+1 rank a layer): ours there
+            for method in ("fro_ckpt=1", "spn_lora=1"):
+                group["rows"].append({**evaluation.run(f"{method},size={row['mib']:.6g}"), "at_kohya_size": True})
         for row in group["rows"]:
             print(f"  {row['recipe']:<38} {row.get('mib', float('nan')):8.2f} MiB  rank {row.get('rank', 0):6d}  "
                   f"lora {100 * row.get('rle_lora', float('nan')):6.2f}%  ckpt {100 * row.get('rle_ckpt_sum', 0):.4f}%",
@@ -192,20 +226,38 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="add the groups to an existing --out")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "evaluation.json"))
-    parser.add_argument("--kohya", choices=("with", "later", "only"), default="with",
-                        help="later: skip kohya's script; only: add its rows to an existing --out (the same ratios)")
+    parser.add_argument("--kohya", choices=("with", "later", "only", "matched"), default="with",
+                        help="later: skip kohya's script; only: add its rows to an existing --out (the same ratios), "
+                             "with fro_ckpt and spn_lora at kohya's file size; matched: only those two")
     args = parser.parse_args()
     torch.manual_seed(0)
     evaluation = Evaluation(args.base, args.lora)
-    if args.kohya == "only":
+    if args.kohya in ("only", "matched"):
         report = json.load(open(args.out))
-        for group in report["groups"]:
-            group["rows"] = [row for row in group["rows"] if not row["recipe"].startswith("kohya")]
-            row = kohya_row(evaluation, group["kohya_ratio"])
-            if row is not None:
-                print(f"  {row['recipe']:<38} {row.get('mib', 0):8.2f} MiB  {row.get('seconds', 0):.0f} s", flush=True)
+        stored = next(r for r in report["groups"][0]["rows"] if r["recipe"].startswith("sv_ratio="))
+        again = evaluation.run(stored["recipe"])  # the rows being added must measure the same files as the rest
+        if not math.isclose(again["rle_lora"], stored["rle_lora"], rel_tol=1e-9) or again["mib"] != stored["mib"]:
+            sys.exit(f"{args.lora} is not the LoRA {args.out} measured ({stored['recipe']}: "
+                     f"{again['rle_lora']:.6g} here, {stored['rle_lora']:.6g} there): rerun the whole evaluation")
+        if args.kohya == "only":
+            rows = kohya_rows(evaluation, [group["kohya_ratio"] for group in report["groups"]])
+            if rows is None:
+                sys.exit("--kohya only needs KOHYA_SD_SCRIPTS (a checkout of kohya-ss/sd-scripts)")
+            for group, row in zip(report["groups"], rows):
+                group["rows"] = [old for old in group["rows"] if not old["recipe"].startswith("kohya")] + [row]
+            report["kohya_command"] = " ".join(["python", "bench/evaluate.py", *sys.argv[1:]])
+        for group in report["groups"]:  # kohya's +1 rank per layer makes its file larger: the pack at that size
+            group["rows"] = [old for old in group["rows"] if not old.get("at_kohya_size")]
+            kohya = next((r for r in group["rows"] if r["recipe"].startswith("kohya") and "mib" in r), None)
+            if kohya is None:
+                continue
+            for method in ("fro_ckpt=1", "spn_lora=1"):
+                row = evaluation.run(f"{method},size={kohya['mib']:.6g}")
+                row["at_kohya_size"] = True
                 group["rows"].append(row)
-        report["kohya_command"] = " ".join(["python", "bench/evaluate.py", *sys.argv[1:]])
+            for row in [kohya] + group["rows"][-2:]:
+                print(f"  {row['recipe']:<38} {row.get('mib', 0):8.2f} MiB  rank {row.get('rank', 0):6d}  "
+                      f"lora {100 * row['rle_lora']:6.2f}%  ckpt {100 * row['rle_ckpt_sum']:.4f}%", flush=True)
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)
             fh.write("\n")

@@ -38,3 +38,39 @@ def test_factored_error_equals_the_dense_error_for_svd_and_random_projection():
             assert abs(errors[item.key] - dense) <= 1e-4 * float(source.pow(2).sum()) + 1e-12, (text, item.key)
         dropped = sum(errors.values())
         assert dropped > 0
+
+
+def _kohya_shim():
+    spec = importlib.util.spec_from_file_location("kohya_economy", os.path.join(ROOT, "bench", "kohya_economy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kohya_shim_svds_keep_what_kohya_reads():
+    """bench/kohya_economy.py stands in for kohya's dense ``torch.linalg.svd(ΔW)``: the leading ``new_rank``
+    triplets (all kohya slices) must equal the dense SVD's, for the economy and the exact-range (--low-rank) path,
+    and a repeated matrix (the next ratio) must come from the memo."""
+    shim = _kohya_shim()
+    g = torch.Generator().manual_seed(0)
+    rank, new_rank = 12, 16
+    up = torch.randn(300, rank, generator=g) * torch.logspace(0, -2, rank)
+    delta = up @ torch.randn(rank, 200, generator=g)
+    Ud, Sd, Vhd = torch.linalg.svd(delta)  # what kohya calls: full_matrices=True
+    dense = (Ud[:, :new_rank] * Sd[:new_rank]) @ Vhd[:new_rank]
+    for low_rank in (False, True):
+        shim._memo.clear()
+        shim._keep[0], shim._low_rank[0] = new_rank, low_rank
+        U, S, Vh = shim._economy_svd(delta.clone())
+        assert U.shape == (300, new_rank) and Vh.shape == (new_rank, 200)
+        assert torch.allclose(S[:rank], Sd[:rank], rtol=1e-5)
+        assert float(S[rank:new_rank].abs().max()) < 1e-5 * float(Sd[0])  # zeros past the rank, as dense gives
+        kept = (U[:, :new_rank] * S[:new_rank]) @ Vh[:new_rank]
+        assert float((kept - dense).norm() / dense.norm()) < 1e-5
+        assert shim._economy_svd(delta.clone())[0] is U  # the next ratio: no second SVD
+    # a matrix of higher rank than the sketch: --low-rank falls back to LAPACK when 2·new_rank ≥ its width
+    shim._memo.clear()
+    shim._keep[0] = 120
+    full = torch.randn(200, 150, generator=g)
+    U, S, Vh = shim._economy_svd(full)
+    assert torch.allclose(S, torch.linalg.svdvals(full), rtol=1e-5)
