@@ -124,7 +124,34 @@ def _stacked(buffers: GrowBuffers, key: str, tensors: list[torch.Tensor], dtype:
     return out
 
 
-def _refuse_nonfinite(layers: list[Layer], stack: torch.Tensor, role: str) -> None:
+GRAM_CHUNK_BYTES = 1 << 20  # fp64 rows converted at a time: the slab stays in L2 between the copy and the GEMM
+
+
+def _gram64(tensors: list[torch.Tensor], transposed: bool, buffers: GrowBuffers) -> torch.Tensor:
+    """[batch, r, r] fp64 Grams XᵀX (or XXᵀ when ``transposed``) of fp16/bf16/fp32 factors, converted a slab of
+    rows (columns) at a time into one small reused buffer: an fp64 copy of the whole stack (4× an fp16 LoRA,
+    written to memory and read back by the GEMM) cost more than the GEMM here. Exact products of the values as
+    stored, summed in fp64, as the stacked version."""
+    first = tensors[0]
+    r = first.shape[0] if transposed else first.shape[1]
+    length = first.shape[1] if transposed else first.shape[0]
+    step = max(1, min(length, GRAM_CHUNK_BYTES // (8 * r)))
+    grams = torch.zeros((len(tensors), r, r), dtype=torch.float64)
+    for i, tensor in enumerate(tensors):
+        for start in range(0, length, step):
+            stop = min(length, start + step)
+            if transposed:
+                slab = buffers.take("gram_slab", (r, stop - start), torch.float64)
+                slab.copy_(tensor[:, start:stop])
+                grams[i].addmm_(slab, slab.T)
+            else:
+                slab = buffers.take("gram_slab", (stop - start, r), torch.float64)
+                slab.copy_(tensor[start:stop])
+                grams[i].addmm_(slab.T, slab)
+    return grams
+
+
+def _refuse_nonfinite(layers: list[Layer], stack, role: str) -> None:
     """Name the layer of a factor stack whose Gram diagonal is not finite: the per-factor min/max pass runs
     only then. Finite factors whose fp32 product (a LoCon mid folded in) overflowed are refused by the
     first such layer; a Gram that overflowed in fp32 (GPU) on finite values is not an error here."""
@@ -139,6 +166,20 @@ def _refuse_nonfinite(layers: list[Layer], stack: torch.Tensor, role: str) -> No
 def _gram_factor(gram: torch.Tensor) -> torch.Tensor | None:
     chol, info = torch.linalg.cholesky_ex(gram, upper=True)
     return None if bool(info.any()) else chol
+
+
+def _gram_finite(g: torch.Tensor, on_nonfinite: Callable[[], None] | None) -> bool:
+    """Whether every Gram's diagonal is finite; ``on_nonfinite`` (which may raise) is called when not."""
+    if bool(torch.isfinite(torch.diagonal(g, dim1=1, dim2=2)).all()):
+        return True
+    if on_nonfinite is not None:
+        on_nonfinite()
+    return False
+
+
+def _factor_of_gram(g: torch.Tensor, on_nonfinite: Callable[[], None] | None = None) -> torch.Tensor | None:
+    """R from an fp64 Gram (of a stack, or ``_gram64``'s), after the finite check of its diagonal."""
+    return _gram_factor(g) if _gram_finite(g, on_nonfinite) else None
 
 
 def _triangular_factor(factors: torch.Tensor, transposed: bool = False,
@@ -160,16 +201,8 @@ def _triangular_factor(factors: torch.Tensor, transposed: bool = False,
     def gram(x):
         return x @ x.transpose(1, 2) if transposed else x.transpose(1, 2) @ x
 
-    def finite(g) -> bool:
-        if bool(torch.isfinite(torch.diagonal(g, dim1=1, dim2=2)).all()):
-            return True
-        if on_nonfinite is not None:
-            on_nonfinite()
-        return False
-
     if factors.dtype == torch.float64:
-        g = gram(factors)
-        return _gram_factor(g) if finite(g) else None
+        return _factor_of_gram(gram(factors), on_nonfinite)
     rows, cols = (factors.shape[-1], factors.shape[-2]) if transposed else (factors.shape[-2], factors.shape[-1])
     eye = torch.eye(cols, dtype=factors.dtype, device=factors.device)
     unit = float(torch.finfo(factors.dtype).eps) / 2
@@ -177,7 +210,7 @@ def _triangular_factor(factors: torch.Tensor, transposed: bool = False,
     for step in range(3):
         g = gram(q)
         if step == 0:
-            if not finite(g):
+            if not _gram_finite(g, on_nonfinite):
                 return None
             norm2 = torch.diagonal(g, dim1=1, dim2=2).sum(-1)  # ‖X‖_F² per matrix
             g = g + (11 * (rows * cols + cols * (cols + 1)) * unit * norm2)[:, None, None] * eye
@@ -193,15 +226,23 @@ def _triangular_factor(factors: torch.Tensor, transposed: bool = False,
 
 def _factored_batch(layers: list[Layer], device, buffers: GrowBuffers) -> list[tuple]:
     """Per layer (S, M, N) with U = B·M and Vh = N·A, or (S, U, Vh) when a factor is rank-deficient."""
-    gram_dtype = torch.float64 if device.type == "cpu" else torch.float32
     downs_flat = [effective_down(l) if "mid" in l.factors else l.factors["down"].flatten(1) for l in layers]
-    ups = _stacked(buffers, "up", [l.factors["up"].flatten(1) for l in layers], gram_dtype, device)
-    downs = _stacked(buffers, "down", downs_flat, gram_dtype, device)
+    ups_flat = [l.factors["up"].flatten(1) for l in layers]
     scales = torch.tensor([l.scale for l in layers], dtype=torch.float32, device=device)
-    r_b = _triangular_factor(ups, on_nonfinite=lambda: _refuse_nonfinite(layers, ups, "up"))  # B = Q_b R_b
-    r_a = _triangular_factor(downs, transposed=True,  # Aᵀ = Q_a R_a
-                             on_nonfinite=lambda: _refuse_nonfinite(layers, downs, "down"))
+    if device.type == "cpu":  # fp64 Grams from small slabs (B = Q_b R_b, Aᵀ = Q_a R_a)
+        r_b = _factor_of_gram(_gram64(ups_flat, False, buffers), lambda: _refuse_nonfinite(layers, ups_flat, "up"))
+        r_a = _factor_of_gram(_gram64(downs_flat, True, buffers),
+                              lambda: _refuse_nonfinite(layers, downs_flat, "down"))
+        ups = downs = None
+    else:  # GPUs: fp32 stacks and shifted CholeskyQR3 (fp64 runs at a fraction of the speed there)
+        ups = _stacked(buffers, "up", ups_flat, torch.float32, device)
+        downs = _stacked(buffers, "down", downs_flat, torch.float32, device)
+        r_b = _triangular_factor(ups, on_nonfinite=lambda: _refuse_nonfinite(layers, ups, "up"))
+        r_a = _triangular_factor(downs, transposed=True, on_nonfinite=lambda: _refuse_nonfinite(layers, downs, "down"))
     if r_b is None or r_a is None:  # Householder, explicit U and Vh
+        if ups is None:
+            ups = _stacked(buffers, "up", ups_flat, torch.float32, device)
+            downs = _stacked(buffers, "down", downs_flat, torch.float32, device)
         ups, downs = ups.to(torch.float32), downs.to(torch.float32)
         q_b, r_b = torch.linalg.qr(ups)
         q_a, r_a = torch.linalg.qr(downs.transpose(1, 2))

@@ -97,6 +97,26 @@ def test_batches_give_the_same_result_as_single_layers():
         assert torch.allclose(a.S, b.S, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_slab_grams_equal_the_stacked_fp64_gram(dtype, monkeypatch):
+    """The CPU path's Grams, converted to fp64 a slab at a time (several slabs per factor here), equal the Gram of
+    the whole fp64 stack to fp64 round-off, for up (XᵀX) and down (XXᵀ) factors, and so give the same R."""
+    from core import decompose as module
+    from core.buffers import GrowBuffers
+
+    monkeypatch.setattr(module, "GRAM_CHUNK_BYTES", 8 * 16 * 100)  # 100 rows of r=16 a slab: 13 slabs of 1300
+    g = torch.Generator().manual_seed(3)
+    ups = [(torch.randn(1300, 16, generator=g) * torch.logspace(0, -3, 16)).to(dtype) for _ in range(3)]
+    downs = [u.T.contiguous() for u in ups]
+    for tensors, transposed in ((ups, False), (downs, True)):
+        got = module._gram64(tensors, transposed, GrowBuffers())
+        stack = torch.stack([t.double() for t in tensors])
+        want = stack @ stack.transpose(1, 2) if transposed else stack.transpose(1, 2) @ stack
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-14
+        r_got, r_want = module._factor_of_gram(got), module._triangular_factor(stack, transposed=transposed)
+        assert float((r_got - r_want).abs().max() / r_want.abs().max()) < 1e-12
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_triangular_factor_both_precisions_equal_householder(transposed):
     """The CPU path (one fp64 Gram pass) and the GPU path (fp32 shifted CholeskyQR3) give QR's R, here on
