@@ -16,15 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = os.path.join(ROOT, "tests", "fixtures", "lora", "sd15_kohya_locon_r4a2_c2a1.safetensors")
 
 
-def _evaluate_module():
-    spec = importlib.util.spec_from_file_location("bench_evaluate", os.path.join(ROOT, "bench", "evaluate.py"))
+def _bench_module(name: str):
+    """A bench/ script as a module (bench/ is not a package the tests import)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_factored_error_equals_the_dense_error_for_svd_and_random_projection():
-    evaluate = _evaluate_module()
+    evaluate = _bench_module("evaluate")
     lora = read_lora(LORA)
     items = decompose(lora)
     for text in ("rank=2", "rank=1,method=randproj,seed=3", "spn_lora=1,thr=-0.3"):
@@ -40,18 +41,11 @@ def test_factored_error_equals_the_dense_error_for_svd_and_random_projection():
         assert dropped > 0
 
 
-def _kohya_shim():
-    spec = importlib.util.spec_from_file_location("kohya_economy", os.path.join(ROOT, "bench", "kohya_economy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kohya_shim_svds_keep_what_kohya_reads():
     """bench/kohya_economy.py stands in for kohya's dense ``torch.linalg.svd(ΔW)``: the leading ``new_rank``
     triplets (all kohya slices) must equal the dense SVD's, for the economy and the exact-range (--low-rank) path,
     and a repeated matrix (the next ratio) must come from the memo."""
-    shim = _kohya_shim()
+    shim = _bench_module("kohya_economy")
     g = torch.Generator().manual_seed(0)
     rank, new_rank = 12, 16
     up = torch.randn(300, rank, generator=g) * torch.logspace(0, -2, rank)
