@@ -26,9 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.make_dit_data import FAMILIES  # noqa: E402
-from bench.run import PY, scenario  # noqa: E402
+from bench.run import ONLY, PY, scenario  # noqa: E402
 
 MIB = 1 << 20
+PEER_TIMEOUT = [3600]  # seconds a peer scenario may run before it is killed and reported as not finished
 _KJ_DRIVER = '''
 import importlib.util, os, sys
 comfy, kj, src, dst, rank, method, param = sys.argv[1:8]
@@ -107,13 +108,14 @@ def rows_for(family: str, data: str, out: str, subset_blocks: int, repeat: int) 
     kohya = os.environ.get("KOHYA_SD_SCRIPTS")
     if kohya:
         kpy = os.environ.get("KOHYA_PYTHON", PY)
-        env_cmd = ["env", f"PYTHONPATH={kohya}", kpy, "networks/resize_lora.py", "--model", sub, "--save_to",
+        kohya_path = os.pathsep.join(p for p in (kohya, os.environ.get("PYTHONPATH")) if p)  # its deps there too
+        env_cmd = ["env", f"PYTHONPATH={kohya_path}", kpy, "networks/resize_lora.py", "--model", sub, "--save_to",
                    os.path.join(out, "k.safetensors"), "--save_precision", "bf16", "--device", "cpu"]
         subset_rows.append(scenario(f"{family} subset kohya new_rank=32", env_cmd + ["--new_rank", "32"], 1, clean,
-                                    cwd=kohya, timeout=3600))
+                                    cwd=kohya, timeout=PEER_TIMEOUT[0]))
         subset_rows.append(scenario(f"{family} subset kohya sv_fro=0.9",
                                     env_cmd + ["--new_rank", str(spec["rank"]), "--dynamic_method", "sv_fro",
-                                               "--dynamic_param", "0.9"], 1, clean, cwd=kohya, timeout=3600))
+                                               "--dynamic_param", "0.9"], 1, clean, cwd=kohya, timeout=PEER_TIMEOUT[0]))
     kj, comfy = os.environ.get("KJNODES"), os.environ.get("COMFYUI_PATH")
     if kj and comfy:
         driver = os.path.join(out + "-subset", "kj_driver.py")
@@ -121,9 +123,9 @@ def rows_for(family: str, data: str, out: str, subset_blocks: int, repeat: int) 
             fh.write(_KJ_DRIVER)
         base_cmd = [PY, driver, comfy, kj, sub, os.path.join(out, "kj.safetensors")]
         subset_rows.append(scenario(f"{family} subset KJNodes rank=32", base_cmd + ["32", "disabled", "-"], 1, clean,
-                                    timeout=3600))
+                                    timeout=PEER_TIMEOUT[0]))
         subset_rows.append(scenario(f"{family} subset KJNodes sv_fro=0.9",
-                                    base_cmd + [str(spec["rank"]), "sv_fro", "0.9"], 1, clean, timeout=3600))
+                                    base_cmd + [str(spec["rank"]), "sv_fro", "0.9"], 1, clean, timeout=PEER_TIMEOUT[0]))
     for row in subset_rows:
         if row is not None:
             row.update(subset_layers=layers, subset_mib=os.path.getsize(sub) / MIB)
@@ -138,7 +140,11 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=2, help="blocks of each kind in the peers' subset LoRA")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results_dit.json"))
+    parser.add_argument("--only", nargs="*", help="run only the scenarios whose name contains one of these")
+    parser.add_argument("--peer-timeout", type=int, default=3600, help="seconds before a peer run is killed")
     args = parser.parse_args()
+    ONLY[:] = args.only or []
+    PEER_TIMEOUT[0] = args.peer_timeout
     out = tempfile.mkdtemp(prefix="lora-bench-dit-")
     results = []
     for family in args.family:
