@@ -181,6 +181,24 @@ def kohya_rows(evaluation: Evaluation, ratios: list[float]) -> list[dict] | None
     return rows
 
 
+def at_kohya_size(evaluation: Evaluation, kohya: dict) -> list[dict]:
+    """kohya's file is larger than the matched size (+1 rank in every layer): the pack's rules at its size."""
+    return [{**evaluation.run(f"{method},size={kohya['mib']:.6g}"), "at_kohya_size": True}
+            for method in ("fro_ckpt=1", "spn_lora=1")]
+
+
+def print_row(row: dict) -> None:
+    print(f"  {row['recipe']:<38} {row.get('mib', float('nan')):8.2f} MiB  rank {row.get('rank', 0):6d}  "
+          f"lora {100 * row.get('rle_lora', float('nan')):6.2f}%  ckpt {100 * row.get('rle_ckpt_sum', 0):.4f}%",
+          flush=True)
+
+
+def write_report(report: dict, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(report, fh, indent=1)
+        fh.write("\n")
+
+
 def evaluate(evaluation: Evaluation, anchors: list[str], seeds: int = 3, with_kohya: bool = True) -> list[dict]:
     """One group per anchor recipe (``spn_ckpt=1,thr=T`` as the seed's procedure, or ``spn_ckpt=1,size=S``)."""
     rows = []
@@ -205,13 +223,10 @@ def evaluate(evaluation: Evaluation, anchors: list[str], seeds: int = 3, with_ko
         group["rows"].append(evaluation.run(f"sv_ratio={ratio:.6g}"))
         kohya = kohya_rows(evaluation, [ratio]) if with_kohya else None
         group["rows"].extend(kohya or [])
-        for row in [r for r in kohya or [] if "mib" in r]:  # kohya's file is larger (+1 rank a layer): ours there
-            for method in ("fro_ckpt=1", "spn_lora=1"):
-                group["rows"].append({**evaluation.run(f"{method},size={row['mib']:.6g}"), "at_kohya_size": True})
+        for row in [r for r in kohya or [] if "mib" in r]:
+            group["rows"].extend(at_kohya_size(evaluation, row))
         for row in group["rows"]:
-            print(f"  {row['recipe']:<38} {row.get('mib', float('nan')):8.2f} MiB  rank {row.get('rank', 0):6d}  "
-                  f"lora {100 * row.get('rle_lora', float('nan')):6.2f}%  ckpt {100 * row.get('rle_ckpt_sum', 0):.4f}%",
-                  flush=True)
+            print_row(row)
         rows.append(group)
     return rows
 
@@ -246,21 +261,14 @@ def main() -> None:
             for group, row in zip(report["groups"], rows):
                 group["rows"] = [old for old in group["rows"] if not old["recipe"].startswith("kohya")] + [row]
             report["kohya_command"] = " ".join(["python", "bench/evaluate.py", *sys.argv[1:]])
-        for group in report["groups"]:  # kohya's +1 rank per layer makes its file larger: the pack at that size
+        for group in report["groups"]:
             group["rows"] = [old for old in group["rows"] if not old.get("at_kohya_size")]
             kohya = next((r for r in group["rows"] if r["recipe"].startswith("kohya") and "mib" in r), None)
-            if kohya is None:
-                continue
-            for method in ("fro_ckpt=1", "spn_lora=1"):
-                row = evaluation.run(f"{method},size={kohya['mib']:.6g}")
-                row["at_kohya_size"] = True
-                group["rows"].append(row)
-            for row in [kohya] + group["rows"][-2:]:
-                print(f"  {row['recipe']:<38} {row.get('mib', 0):8.2f} MiB  rank {row.get('rank', 0):6d}  "
-                      f"lora {100 * row['rle_lora']:6.2f}%  ckpt {100 * row['rle_ckpt_sum']:.4f}%", flush=True)
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
-            fh.write("\n")
+            if kohya is not None:
+                group["rows"].extend(at_kohya_size(evaluation, kohya))
+                for row in [kohya] + group["rows"][-2:]:
+                    print_row(row)
+        write_report(report, args.out)
         return
     print(f"{args.lora}: {evaluation.original_size / MIB:.1f} MiB, total rank {evaluation.original_rank}, "
           f"{len(evaluation.items)} layers; decomposition and base norms {evaluation.setup_seconds:.1f} s", flush=True)
@@ -276,9 +284,7 @@ def main() -> None:
               "original_mib": evaluation.original_size / MIB, "original_rank": evaluation.original_rank,
               "layers": len(evaluation.items), "commands": commands,
               "torch": torch.__version__, "groups": groups}
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=1)
-        fh.write("\n")
+    write_report(report, args.out)
     print(f"wrote {args.out}")
 
 

@@ -240,10 +240,9 @@ def _factored_batch(layers: list[Layer], device, buffers: GrowBuffers) -> list[t
         r_b = _triangular_factor(ups, on_nonfinite=lambda: _refuse_nonfinite(layers, ups, "up"))
         r_a = _triangular_factor(downs, transposed=True, on_nonfinite=lambda: _refuse_nonfinite(layers, downs, "down"))
     if r_b is None or r_a is None:  # Householder, explicit U and Vh
-        if ups is None:
+        if ups is None:  # the CPU path kept no stacks
             ups = _stacked(buffers, "up", ups_flat, torch.float32, device)
             downs = _stacked(buffers, "down", downs_flat, torch.float32, device)
-        ups, downs = ups.to(torch.float32), downs.to(torch.float32)
         q_b, r_b = torch.linalg.qr(ups)
         q_a, r_a = torch.linalg.qr(downs.transpose(1, 2))
         p, s, vh = torch.linalg.svd(r_b @ r_a.transpose(1, 2) * scales[:, None, None], full_matrices=False)

@@ -21,8 +21,7 @@ class Flux(Family):
     marks = ((r"double_blocks|single_blocks", 10), (r"single_transformer_blocks", 30), (SHARED_DOUBLE, 10))
     metadata = ("flux",)
     encoders = {"lora_te_": "clip_l", "lora_te1_": "clip_l", "lora_te2_": "t5xxl", "lora_te3_": "t5xxl",
-                "text_encoder.": "clip_l",
-                "text_encoder_2.": "t5xxl"}
+                "text_encoder.": "clip_l", "text_encoder_2.": "t5xxl"}
     encoder_out = {"kohya": {"clip_l": "lora_te1_", "t5xxl": "lora_te3_"},  # as sd-scripts writes it
                    "peft": {"clip_l": "text_encoder.", "t5xxl": "text_encoder_2."}}
     outputs = ("kohya", "comfy", "peft")
