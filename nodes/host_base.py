@@ -73,7 +73,11 @@ def to_fp32(tensor: torch.Tensor, device, key: str = "") -> torch.Tensor:
                             "loaded", layer=key or None,
                             fix="install ComfyUI-GGUF (city96), connect a safetensors model, or use a recipe that "
                             "needs no base (spn_lora/fro_lora/params, rank=, sv_ratio=)")
-        weight = dequantize(tensor.to(device), dtype=torch.float32).to(torch.float32)
+        try:  # the file's values exactly: the pack's default does K-quant arithmetic in fp16
+            weight = dequantize(tensor.to(device), dtype=torch.float32, dequant_dtype=torch.float32)
+        except TypeError:  # a pack older than its dequant_dtype option
+            weight = dequantize(tensor.to(device), dtype=torch.float32)
+        weight = weight.to(torch.float32)
         return weight.as_subclass(torch.Tensor)  # a plain tensor: the pack's subclass re-dispatches every op
     moved = comfy.model_management.cast_to(tensor, device=torch.device(device), non_blocking=False)
     return moved.to(torch.float32, copy=moved is tensor)
@@ -82,14 +86,20 @@ def to_fp32(tensor: torch.Tensor, device, key: str = "") -> torch.Tensor:
 class HostWeights:
     """The weights of one ModelPatcher (MODEL's, or CLIP's ``patcher``), read one at a time, unpatched.
 
-    ``state_dict()`` only references the tensors (wherever ComfyUI keeps them: GPU, or offloaded to the CPU).
-    A weight an applied LoRA patched in place is taken from the patcher's ``backup``, which clones share.
+    Weights are the modules' own parameters and buffers, wherever ComfyUI keeps them (GPU, or offloaded to the
+    CPU), never ``state_dict()``'s entries: ComfyUI-GGUF's layers put meta tensors there for quantized weights.
+    A weight an applied LoRA patched in place is taken from the patcher's ``backup``, which clones share
+    (GGUF's patcher never patches a quantized weight: it hangs the patches on the tensor).
     """
 
     def __init__(self, patcher, label: str):
         self.patcher = patcher
         self.label = label
-        self.state = patcher.model.state_dict()
+        model = patcher.model
+        own = {**dict(model.named_buffers(remove_duplicate=False)),
+               **dict(model.named_parameters(remove_duplicate=False))}
+        self.state = {key: own.get(key, tensor) for key, tensor in model.state_dict(keep_vars=True).items()
+                      if key in own or tensor.device.type != "meta"}  # GGUF's fake "temp.weight": dropped
 
     def __contains__(self, key: str) -> bool:
         return key in self.state
@@ -97,7 +107,8 @@ class HostWeights:
     def stored(self, key: str) -> torch.Tensor:
         """The unpatched weight as ComfyUI keeps it (a backup is the parameter itself: detached here)."""
         backup = (getattr(self.patcher, "backup", None) or {}).get(key)
-        return backup.weight.detach() if backup is not None else self.state[key]
+        tensor = backup.weight if backup is not None else self.state[key]
+        return tensor if is_gguf(tensor) else tensor.detach()  # GGMLTensor.detach() drops nothing, but is a no-op
 
     def shape(self, key: str) -> tuple[int, ...]:
         tensor = self.stored(key)
@@ -281,7 +292,8 @@ def fingerprint(sources: Sequence[HostWeights]) -> str:
             tensor = source.stored(key)
             if key.endswith(".weight") and len(source.shape(key)) >= 2:
                 keys.append((source, key))
-                digest.update(f"{key}:{source.shape(key)}:{tensor.dtype};".encode())
+                kind = f"gguf:{getattr(tensor.tensor_type, 'name', tensor.tensor_type)}" if is_gguf(tensor) else tensor.dtype
+                digest.update(f"{key}:{source.shape(key)}:{kind};".encode())
     for source, key in keys[:: max(1, len(keys) // 8)][:8]:
         columns = max(1, int(torch.Size(source.shape(key)[1:]).numel()))
         sample = source.read(key, rows=max(1, 4096 // columns)).flatten()[:4096]

@@ -14,8 +14,8 @@ On the tiny real models of every family (tests/host/family_models.py) and LoRAs 
   ranks computed here from the host's own ΔW and weights, and the saved file loads in the host with zero unloaded
   keys, patching the same weights with the truncated ΔW;
 - layers the host places nowhere are an error naming how many and which, before any work.
-Not covered here: GGUF weights (ComfyUI-GGUF is not installed; nodes/host_base.py reads them only through that
-pack's dequantize and otherwise refuses them by name) and VRAM placement (the tests run ComfyUI with --cpu).
+GGUF weights: tests/host/test_gguf_host.py (runs only where ComfyUI-GGUF is installed). Not covered here: VRAM
+placement (the tests run ComfyUI with --cpu).
 """
 from __future__ import annotations
 
