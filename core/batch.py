@@ -7,13 +7,16 @@ each input's tree under ``-o`` with the resize command's names and bytes (``resi
 the base of its detected family (``--base sdxl=...``); a recipe that needs a base its family lacks is
 recorded as skipped, with the reason.
 
-Three passes, each over files: a probe (hash, read, family, the base layers it touches; a file done
-already is not read at all), then base norms, once per family for the union of every LoRA's layers,
+Three passes, each over files: a probe (the header alone: family and the base layers it touches; with
+records of an earlier run, the hash, and a file done already is read no further), then base norms, once
+per family for the union of every LoRA's layers,
 computed in this process and saved to the norms cache before any worker starts (workers find every
 norm there, so none is computed twice, however many workers), then the resizes. Every input and
 recipe gets one manifest record as its file finishes (``core.manifest``), so a rerun resumes. A bad
 file is recorded as failed and the batch goes on; exit 1 when any failed. Ctrl-C stops the workers
-(their temps are removed) and exits 130; the manifest holds every file that finished.
+(their temps are removed) and exits 130; the manifest holds every file that finished. The resize pass
+reads each LoRA once and hashes the bytes it reads, so a fresh library is read once, not three times.
+``--shard K/N`` splits a library too large for one manifest into N runs with a manifest each.
 
 ``-j N`` runs N spawned worker processes (``-j 1``: this process); outputs are byte-identical either way.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import logging
 import os
 import signal
@@ -253,16 +257,18 @@ class Probe:
 
 
 def probe(path: str, arch: Optional[str], done: Sequence[Record], recipes: int, read: bool = True) -> Probe:
-    """Hash the input; recipes whose ``done`` record still holds need nothing more (when that is all
-    ``recipes`` of them, the file is not even read). Otherwise, with ``read``, read the LoRA (a bad file
-    fails here) for its family and the base layers it touches; without (ComfyUI's one base for every
-    family), the resize pass reads it, once."""
-    from .formats import read_lora
+    """What must be done with one input, reading as little of it as that takes. With ``done`` records the
+    input is hashed: recipes whose record still holds need nothing more (when that is all ``recipes`` of
+    them, that is all). Otherwise, with ``read``, the LoRA's header alone gives its family and the base
+    layers it touches (a file with a bad header fails here); without (ComfyUI's one base for every family)
+    nothing more. The resize pass then reads the whole file once, hashing it as it reads."""
+    from .formats.reader import read_lora_layout
     from .metadata import file_sha256
 
     found = Probe()
     try:
-        found.sha256 = file_sha256(path)
+        if done:  # nothing to compare with otherwise: the resize pass hashes what it reads
+            found.sha256 = file_sha256(path)
         held = [r for r in done if r.get("sha256") == found.sha256 and output_holds(r)]
         found.verified = [r["recipe"] for r in held]
         if held and len(held) == recipes:
@@ -270,7 +276,7 @@ def probe(path: str, arch: Optional[str], done: Sequence[Record], recipes: int, 
             return found
         if not read:
             return found
-        lora = read_lora(path, arch=arch)
+        lora = read_lora_layout(path, arch=arch)
         found.family = lora.architecture
         found.targets = [(layer.name, layer.offset, tuple(layer.shape)) for layer in lora.layers.values()]
     except LoraError as exc:
@@ -283,7 +289,7 @@ def probe(path: str, arch: Optional[str], done: Sequence[Record], recipes: int, 
 @dataclass
 class Task:
     item: Item
-    sha256: str
+    sha256: Optional[str]  # from the probe when it hashed; the resize pass records what it read
     family: str
     recipes: tuple[str, ...]  # every recipe this file runs (the same set on every run: same bytes)
     write: tuple[str, ...]  # those still to write
@@ -338,8 +344,19 @@ def resize_file(task: Task, settings: Settings, progress: Optional[Progress] = N
         raise
     finally:
         _IN_TASK = False
+    if task.sha256 is None:  # failed before its read finished: hashed apart, if it can be read at all
+        task.sha256 = _sha256_or_none(task.item.path)
     return [_record(task, recipe, "failed", settings, seconds=time.monotonic() - started, error=error)
             for recipe in task.write]
+
+
+def _sha256_or_none(path: str) -> Optional[str]:
+    from .metadata import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
 
 
 def _resize_file(task: Task, settings: Settings, progress, started: float, engine: Engine) -> list[Record]:
@@ -347,14 +364,18 @@ def _resize_file(task: Task, settings: Settings, progress, started: float, engin
     from .formats.writer import check_nameable
     from .recipe import parse_recipes
     from .resize_cli import _DTYPES, output_name, plan_outputs, write_all
+    from .safetensors_io import StreamDigest
 
     path, folder = task.item.path, Path(task.item.out_dir)
     dtype = _DTYPES[settings.dtype]
-    lora = read_lora(path, arch=settings.arch)
+    digest = StreamDigest()
+    lora = read_lora(path, arch=settings.arch, digest=digest)
     check_nameable(lora, settings.convention, label=path)
-    sources = [{"file": os.path.basename(path), "sha256": task.sha256, "weight": 1.0}]  # as cmd_resize records
+    # as cmd_resize records; the hash of the bytes read, still being computed beside the decomposition
+    sources = [{"file": os.path.basename(path), "sha256": "0" * 64, "weight": 1.0}]
     recipes = parse_recipes(":".join(task.recipes))
     results, computed = engine(lora, recipes, task.base, settings, sources, progress)
+    sources[0]["sha256"] = task.sha256 = digest.hexdigest()
     wanted = [r for r in results if r.recipe.text in task.write]
     stem = Path(path).stem
     fresh, there = [], []
@@ -438,6 +459,37 @@ def _unexpected(exc: BaseException) -> str:
     from .cli import unexpected
 
     return unexpected(exc)
+
+
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """``K/N`` -> (K, N), 0 <= K < N."""
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = (-1, 0)
+    if not 0 <= shard[0] < shard[1]:
+        raise UsageError(f"--shard {text}: expected K/N with 0 <= K < N", fix="e.g. --shard 0/4 ... --shard 3/4")
+    return shard
+
+
+def in_shard(item: Item, out: str, shard: tuple[int, int]) -> bool:
+    """Whether this input belongs to shard K of N: by a hash of its place in the output tree (the input's
+    folder under its root, and its name), so the split is the same wherever the library is mounted and
+    however the inputs were named (folder, glob or list)."""
+    place = os.path.relpath(os.path.join(item.out_dir, os.path.basename(item.path)), os.path.abspath(out))
+    digest = hashlib.sha1(place.replace(os.sep, "/").encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % shard[1] == shard[0]
+
+
+def shard_manifest_name(shard: Optional[tuple[int, int]]) -> str:
+    """Each shard has a manifest of its own (runs of several shards may share -o, side by side)."""
+    if shard is None:
+        return MANIFEST_NAME
+    stem, dot, suffix = MANIFEST_NAME.rpartition(".")
+    return f"{stem}.shard-{shard[0]}-of-{shard[1]}{dot}{suffix}"
 
 
 # --- the batch -----------------------------------------------------------------------------------------
@@ -599,22 +651,28 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
         runner.map(probe, calls, probed)
         bar.close()
         tasks: list[Task] = []
+        later: dict[int, list[tuple[Task, str, str]]] = {}  # task index -> its file's skipped recipes
         for item, found in zip(items, probes):
-            stub = Task(item, found.sha256 or "", found.family or "", texts, texts, None)
+            stub = Task(item, found.sha256, found.family or "", texts, texts, None)
             if found.error is not None:
+                stub.sha256 = stub.sha256 or _sha256_or_none(item.path)  # the resize pass will not read it
                 for recipe in texts:
                     append(_record(stub, recipe, "failed", settings, error=found.error))
                 continue
             summary.already += len(found.verified)
             base = bases.get(found.family, bases.get("*"))
             runnable = tuple(t for t in texts if base is not None or t not in needs_base)
-            for recipe in texts:
-                if recipe not in runnable and recipe not in found.verified:
-                    append(_record(stub, recipe, "skipped", settings,
-                                   error=_no_base(found.family, recipe, no_base_fix)))
+            skips = [(stub, recipe, _no_base(found.family, recipe, no_base_fix)) for recipe in texts
+                     if recipe not in runnable and recipe not in found.verified]
             write = tuple(t for t in runnable if t not in found.verified)
-            if write:
+            if write:  # its skipped records wait for the hash of the resize pass's read
+                if skips:
+                    later[len(tasks)] = skips
                 tasks.append(Task(item, found.sha256, found.family, runnable, write, base))
+            elif skips:
+                stub.sha256 = stub.sha256 or _sha256_or_none(item.path)
+                for _, recipe, error in skips:
+                    append(_record(stub, recipe, "skipped", settings, error=error))
         kinds = _norm_kinds(recipes)
         shared: dict[str, Any] = {}  # family -> its norms, as the runner hands them to workers
         if kinds is not None and engine is None:
@@ -644,6 +702,12 @@ def run_batch(items: Sequence[Item], settings: Settings, bases: Mapping[str, Bas
                 if (verbosity >= 1 or record["status"] == "failed") and line not in shown:
                     shown.add(line)  # a file's error once, not once per recipe
                     tqdm.write(line, file=sys.stderr if record["status"] == "failed" else sys.stdout)
+            skipped = []
+            for stub, recipe, error in later.pop(index, ()):
+                stub.sha256 = records[0]["sha256"] if records else _sha256_or_none(stub.item.path)
+                skipped.append(_record(stub, recipe, "skipped", settings, error=error))
+                append(skipped[-1])
+            records = [*records, *skipped]
             bar.update(1)
             if on_file is not None:
                 on_file("resize", resized[0], len(tasks), records)
@@ -708,12 +772,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
         device = "cuda"  # the workers' GPU: this machine (the driver) may have none
     else:
         device = resolve_device(args.device)
+    shard = parse_shard(args.shard)
     out = check_output_folder(args.output_folder, "output folder (-o)")
     items = collect_inputs(args.inputs, str(out))
+    every = len(items)
+    if shard is not None:
+        items = [item for item in items if in_shard(item, str(out), shard)]
     bases = parse_bases(args.base)
     settings = Settings(tuple(r.text for r in recipes), args.output_dtype, args.format,
                         None if device is None else str(device), args.arch)
-    manifest = Manifest(args.manifest or os.path.join(out, MANIFEST_NAME))
+    manifest = Manifest(args.manifest or os.path.join(out, shard_manifest_name(shard)))
     runner = None
     if args.ray is not None:
         from .batch_ray import RayRunner
@@ -722,7 +790,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     summary = run_batch(items, settings, bases, manifest, jobs=args.jobs, verbosity=args.verbose,
                         quiet=args.quiet, runner=runner)
     norms = "".join(f"; base norms of {family}: {count} computed" for family, count in summary.norms_computed.items())
-    print(f"{len(items)} files x {len(recipes)} recipes: {summary.line()}{norms}; manifest {manifest.path}",
+    which = f" (shard {shard[0]}/{shard[1]} of {every})" if shard is not None else ""
+    print(f"{len(items)} files{which} x {len(recipes)} recipes: {summary.line()}{norms}; manifest {manifest.path}",
           file=sys.stderr if summary.failed else sys.stdout)
     return 1 if summary.failed else 0
 
@@ -740,7 +809,12 @@ def add_batch_parser(sub, handlers: dict[str, Callable], add_common: Callable) -
                    help="base checkpoint of a model family (sd15, sdxl, flux ...: the names --arch lists); "
                    "repeatable")
     p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (default 1: this process)")
-    p.add_argument("--manifest", default=None, help=f"JSON Lines record of the batch (default OUT/{MANIFEST_NAME})")
+    p.add_argument("--manifest", default=None, help=f"JSON Lines record of the batch (default OUT/{MANIFEST_NAME}, "
+                   "or OUT/lora-resize-batch.shard-K-of-N.jsonl with --shard)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="only the inputs of shard K of N (split by a hash of each file's place in the tree), "
+                   "with a manifest of its own: run shards 0/N ... N-1/N one after another or side by side, on "
+                   "one machine or several, to keep each manifest small")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the files as tasks on a Ray cluster (no address: a local one, or RAY_ADDRESS); "
                    "paths must be the same on every node. Needs the [ray] extra")

@@ -221,27 +221,28 @@ class _Job:
         self.write(loaded, self.plan(loaded, results, out_dir))
 
     def load(self, spec: str, members: list[tuple[str, float]]) -> "_Loaded":
-        """Hash and read the members (merged when several): everything before the decomposition."""
+        """Read the members (merged when several), hashing each from the bytes read: everything before the
+        decomposition. The hashes finish on a side thread; :meth:`plan` waits for them."""
         from .formats import read_lora
         from .formats.writer import check_nameable
         from .merge import merge
-        from .metadata import file_sha256
+        from .safetensors_io import StreamDigest
 
         args = self.args
         for path, _ in members:
             if not os.path.exists(path):
                 raise LoraError("LoRA file not found", file=path,
                                 fix="check the path (a merge is a.safetensors:0.7,b.safetensors:-0.3)")
-        with ThreadPoolExecutor(max_workers=1) as pool:  # hash the sources while reading them
-            digests = [(p, w, pool.submit(file_sha256, p)) for p, w in members]
-            loras = [(read_lora(path, arch=args.arch), weight) for path, weight in members]
-            sources = [{"file": os.path.basename(p), "sha256": d.result(), "weight": w} for p, w, d in digests]
+        digests = [StreamDigest() for _ in members]
+        loras = [(read_lora(path, arch=args.arch, digest=d), weight) for (path, weight), d in zip(members, digests)]
+        # sha256 of the same length meanwhile: size= measures files with exactly this metadata's length
+        sources = [{"file": os.path.basename(p), "sha256": "0" * 64, "weight": w} for p, w in members]
         if len(loras) == 1 and loras[0][1] == 1.0:
             lora, operation = loras[0][0], "resize"
         else:
             lora, operation = merge(loras), "merge+resize"
         check_nameable(lora, args.format, label=spec)  # before any work: names -f cannot spell without a table
-        return _Loaded(spec, members, lora, operation, sources)
+        return _Loaded(spec, members, lora, operation, sources, digests)
 
     def compute(self, loaded: "_Loaded", out_dir: Path | None) -> list:
         from .resize import resize
@@ -256,6 +257,8 @@ class _Job:
             self.bars.clear()
 
     def plan(self, loaded: "_Loaded", results: list, out_dir: Path | None) -> list["_Plan"]:
+        for source, digest in zip(loaded.sources, loaded.digests):
+            source["sha256"] = digest.hexdigest()
         folder = out_dir or Path(loaded.members[0][0]).parent
         return plan_outputs(results, folder, _merge_name(loaded.members), convention=self.args.format,
                             dtype=self.dtype, operation=loaded.operation, sources=loaded.sources,
@@ -271,8 +274,10 @@ class _Job:
 class _Loaded:
     """One LoRA argument read: the LoRA (merged if asked), what to record of its sources."""
 
-    def __init__(self, spec: str, members: list[tuple[str, float]], lora, operation: str, sources: list[dict]):
+    def __init__(self, spec: str, members: list[tuple[str, float]], lora, operation: str, sources: list[dict],
+                 digests: list):
         self.spec, self.members, self.lora, self.operation, self.sources = spec, members, lora, operation, sources
+        self.digests = digests  # StreamDigest of each member, filled into sources by _Job.plan
 
 
 class _Plan:

@@ -7,11 +7,14 @@ unpickle. Nothing here ever calls ``torch.load``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -224,30 +227,74 @@ def _check_layout(path: str, header: Mapping[str, Mapping], data_len: int) -> No
                         "rejects a file its header does not cover)", file=path, layer=previous, fix=_CORRUPT)
 
 
+def tensor_dtype(name: str) -> torch.dtype:
+    """torch's dtype for a safetensors dtype name of a validated header."""
+    try:
+        return _ST_TO_TORCH[name]
+    except KeyError:
+        raise LoraError(f"tensor dtype {name} is not supported by this torch", fix="update torch") from None
+
+
+_HASH_CHUNK = 8 << 20
+_HASHING: Optional[ThreadPoolExecutor] = None  # one thread: every digest's chunks are hashed in order
+_HASHING_LOCK = threading.Lock()
+
+
+class StreamDigest:
+    """The sha256 of a file, computed from the very bytes a read parses, chunk by chunk on a side thread
+    while the read goes on (and after it returns): one pass over the file, not a second read to hash it.
+    ``hexdigest()`` waits for the chunks still queued."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._last: Optional[Future] = None
+
+    def feed(self, chunk) -> None:
+        global _HASHING
+        with _HASHING_LOCK:
+            if _HASHING is None:
+                _HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+            self._last = _HASHING.submit(self._sha.update, chunk)  # hashlib drops the GIL for big chunks
+
+    def hexdigest(self) -> str:
+        if self._last is not None:
+            self._last.result()
+        return self._sha.hexdigest()
+
+
 def load_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None,
-                 header: Mapping[str, Mapping] | None = None) -> dict[str, torch.Tensor]:
+                 header: Mapping[str, Mapping] | None = None,
+                 digest: Optional[StreamDigest] = None) -> dict[str, torch.Tensor]:
     """Tensors of a validated file, as stored (no dtype conversion); all of them unless ``keys``.
 
-    ``header``: what :func:`read_header` returned for this file, so it is not parsed twice."""
+    ``header``: what :func:`read_header` returned for this file, so it is not parsed twice. ``digest``
+    (whole files only) is fed every byte of the file as it is read."""
     path = str(path)
     if header is None:
         header, _ = read_header(path)
     wanted = list(header) if keys is None else list(keys)
     if keys is not None:
+        if digest is not None:
+            raise ValueError("a digest covers the whole file: read all of it")
         with safe_open(path, framework="pt", device="cpu") as fh:
             return {k: fh.get_tensor(k) for k in wanted}
     # The whole file: one read into one buffer, tensors as views of it. safe_open copies every tensor
     # out of its mmap through Python-level storage slicing (0.9 s for a 442 MiB LoRA); a bytearray
     # would be zero-filled first (another 0.3 s): an uninitialised uint8 tensor is read into instead.
-    start = data_start(path)
-    data = torch.empty(os.path.getsize(path) - start, dtype=torch.uint8)
     with open(path, "rb", buffering=0) as fh:
+        head = fh.read(8)
+        start = 8 + struct.unpack("<Q", head)[0]
+        if digest is not None:
+            digest.feed(head + fh.read(start - 8))
+        data = torch.empty(os.fstat(fh.fileno()).st_size - start, dtype=torch.uint8)
         fh.seek(start)
         view, done = memoryview(data.numpy()), 0
         while done < len(view):
-            got = fh.readinto(view[done:])
+            got = fh.readinto(view[done:done + _HASH_CHUNK])
             if not got:
                 raise LoraError("file ended while reading its tensors", file=path, fix="the file is truncated")
+            if digest is not None:
+                digest.feed(view[done:done + got])
             done += got
     out: dict[str, torch.Tensor] = {}
     for key in wanted:

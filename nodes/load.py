@@ -8,7 +8,7 @@ import folder_paths
 from ..core.errors import LoraError
 from ..core.formats import read_lora
 from ..core.inspect import format_summary, summarize
-from ..core.metadata import file_sha256
+from ..core.safetensors_io import StreamDigest
 from .host import lora_path
 from .lora_type import CATEGORY, LORA_TYPE, ResizableLora
 
@@ -30,8 +30,9 @@ class LoadLoRAForResize:
     def load(self, lora_name: str):
         path = lora_path(lora_name)
         try:
-            lora = read_lora(path)
-            sources = [{"file": os.path.basename(path), "sha256": file_sha256(path)}]
+            digest = StreamDigest()  # the hash of the very bytes read, in the same pass
+            lora = read_lora(path, digest=digest)
+            sources = [{"file": os.path.basename(path), "sha256": digest.hexdigest()}]
         except OSError as exc:  # unreadable, vanished, a folder: the pack's error, never a raw OS one
             raise LoraError(f"cannot read the file: {exc.strerror or exc}", file=lora_name,
                             fix="check that it exists and is readable, then pick it again") from exc

@@ -74,8 +74,8 @@ def _args(lib, out, base, *extra) -> list[str]:
     return ["batch", str(lib), "-o", str(out), "--base", f"sd15={base}", "-r", RECIPES, "-q", *extra]
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / MANIFEST_NAME).read_text().splitlines() if line.strip()]
+def _records(out: Path, name: str = MANIFEST_NAME) -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines() if line.strip()]
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
@@ -124,6 +124,8 @@ def test_every_good_file_written_and_every_broken_one_recorded(reference):
     skipped = [r for r in records if r["status"] == "skipped"]
     assert sorted(r["family"] for r in skipped) == ["flux", "sdxl"]
     assert all(r["recipe"] == "fro_ckpt=1,thr=-2.6" and "--base " + r["family"] + "=" in r["error"] for r in skipped)
+    for record in records:  # every record, done, skipped or failed, has the input's hash
+        assert record["sha256"] == file_sha256(record["input"]), record
     failed = [r for r in records if r["status"] == "failed"]
     assert sorted({Path(r["input"]).stem for r in failed}) == sorted(BROKEN)
     for record in failed:
@@ -163,6 +165,84 @@ def test_rerun_does_no_work_and_redoes_only_a_deleted_output(reference, tmp_path
     redone = [r for r in _records(out)[before:] if r["status"] == "done"]
     assert [r["output"] for r in redone] == [str(victim)]
     assert _outputs(out) == ref_outputs
+
+
+def test_each_input_is_read_once_and_a_rerun_only_hashes_it(reference, tmp_path, monkeypatch):
+    """A fresh run reads each LoRA once (the probe reads its header; the resize pass reads the file and hashes
+    those very bytes); a rerun with every record holding hashes each input once and reads nothing else."""
+    import core.formats.reader
+    import core.metadata
+
+    lib, base, _, ref_records, _, ref_outputs = reference
+    reads, hashes = {}, {}
+    real_load, real_hash = core.formats.reader.load_tensors, core.metadata.file_sha256
+
+    def load(path, keys=None, **kwargs):
+        if keys is None:
+            reads[str(path)] = reads.get(str(path), 0) + 1
+        return real_load(path, keys, **kwargs)
+
+    def hashed(path, *args):
+        hashes[str(path)] = hashes.get(str(path), 0) + 1
+        return real_hash(path, *args)
+
+    monkeypatch.setattr(core.formats.reader, "load_tensors", load)
+    monkeypatch.setattr(core.metadata, "file_sha256", hashed)
+    out = tmp_path / "out"
+    assert main(_args(lib, out, _base(tmp_path))) == 1
+    inputs = {r["input"] for r in ref_records}
+    good = {r["input"] for r in ref_records if r["status"] != "failed"}
+    to_resize = {r["input"] for r in ref_records if r["status"] == "done"}
+    assert {p: n for p, n in reads.items() if p in inputs} == {p: 1 for p in to_resize}
+    assert not any(p in good for p in hashes)  # good inputs: hashed only as they were read
+    assert _outputs(out) == ref_outputs
+    assert [(r["input"], r["recipe"], r["status"], r["sha256"]) for r in _records(out)] == \
+        [(r["input"], r["recipe"], r["status"], r["sha256"]) for r in ref_records]
+
+    reads.clear()
+    hashes.clear()
+    assert main(_args(lib, out, _base(tmp_path))) == 1
+    assert not any(p in good for p in reads)  # nothing to do: no LoRA read
+    assert {p: n for p, n in hashes.items() if p in to_resize} == {p: 1 for p in to_resize}
+
+
+def test_shards_split_the_library_and_together_give_the_whole_run(reference, tmp_path):
+    """--shard 0/3, 1/3, 2/3 into one -o: each input in exactly one shard's manifest, together the records and
+    bytes of the unsharded run; a shard rerun does no work; the split does not depend on where the library is."""
+    lib, base, _, ref_records, _, ref_outputs = reference
+    out = tmp_path / "out"
+    counts = []
+    for k in range(3):
+        assert main(_args(lib, out, base, "--shard", f"{k}/3")) in (0, 1)
+        counts.append(len(_records(out, f"lora-resize-batch.shard-{k}-of-3.jsonl")))
+    assert not (out / MANIFEST_NAME).exists()
+    shards = [{(r["input"], r["recipe"]): r for r in _records(out, f"lora-resize-batch.shard-{k}-of-3.jsonl")}
+              for k in range(3)]
+    inputs = [{i for i, _ in shard} for shard in shards]
+    assert all(inputs) and sum(map(len, inputs)) == len(set().union(*inputs))  # disjoint, none empty
+    merged = {key: record for shard in shards for key, record in shard.items()}
+    strip = ("seconds", "output", "error")  # times, and paths under another -o
+
+    def same(record):
+        kept = {k: v for k, v in record.items() if k not in strip}
+        return kept, Path(record["output"]).name if record["output"] else None
+
+    assert {(r["input"], r["recipe"]): same(r) for r in ref_records} == {k: same(r) for k, r in merged.items()}
+    assert _outputs(out) == ref_outputs
+    assert main(_args(lib, out, base, "--shard", "1/3")) in (0, 1)
+    again = _records(out, "lora-resize-batch.shard-1-of-3.jsonl")[counts[1]:]
+    assert [r for r in again if r["status"] == "done"] == []
+    moved = tmp_path / "elsewhere" / "lib"  # the same library mounted elsewhere: the same split
+    shutil.copytree(lib, moved)
+    from core.batch import in_shard
+
+    for k, names in enumerate(inputs):
+        here = {str(Path(p).relative_to(lib)) for p in names}
+        there = {str(Path(i.path).relative_to(moved)) for i in collect_inputs([str(moved)], str(tmp_path / "o2"))
+                 if in_shard(i, str(tmp_path / "o2"), (k, 3))}
+        assert here == there
+    for bad in ("3/3", "x/2", "1", "-1/2"):
+        assert main(_args(lib, tmp_path / "bad", base, "--shard", bad)) == 2
 
 
 def test_two_workers_write_the_same_bytes_and_compute_norms_once(reference, tmp_path, capsys):

@@ -21,7 +21,7 @@ import torch
 from .. import naming
 from ..errors import LoraError, UnsupportedFormat
 from ..model import Layer, LoraFile
-from ..safetensors_io import load_tensors, read_header
+from ..safetensors_io import StreamDigest, load_tensors, read_header, tensor_dtype
 from ..values import all_finite
 from .conventions import PASSTHROUGH_ROLES, split_key_suffix, unsupported_family
 from .shapes import layer_shape, swap_output_halves
@@ -32,20 +32,45 @@ _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_sta
                        "double_blocks.0.img_attn.qkv.weight", "input_blocks.0.0.weight", "text_model.embeddings.")
 
 
-def read_lora(path: str | os.PathLike, arch: Optional[str] = None) -> LoraFile:
-    """Read a LoRA file; ``arch`` overrides architecture detection ("sd15", "sdxl", "flux")."""
+def read_lora(path: str | os.PathLike, arch: Optional[str] = None,
+              digest: Optional[StreamDigest] = None) -> LoraFile:
+    """Read a LoRA file; ``arch`` overrides architecture detection ("sd15", "sdxl", "flux"). ``digest`` is
+    fed the file's bytes as they are read (its sha256 without a second read)."""
     path = str(path)
     header, metadata = read_header(path)
-    tensors = load_tensors(path, header=header)
+    tensors = load_tensors(path, header=header, digest=digest)
     try:
         return lora_from_state_dict(tensors, metadata, arch=arch, path=path)
     except LoraError as exc:
         raise exc.with_file(path) from None
 
 
+_READ_VALUES = 16  # tensors this small are read even for the layout: alphas (one value each), scalars
+
+
+def read_lora_layout(path: str | os.PathLike, arch: Optional[str] = None) -> LoraFile:
+    """The LoRA's layers from its header alone: names, family, shapes and slices (what a batch needs to
+    match bases and plan before any tensor data is read; a few KB from a networked library). Factors are
+    meta tensors; only tensors of at most a few values (alphas) are read. Values are not checked: the
+    full read that does the work checks them."""
+    path = str(path)
+    header, metadata = read_header(path)
+    small = [k for k, info in header.items() if math.prod(info["shape"]) <= _READ_VALUES]
+    tensors = load_tensors(path, keys=small, header=header) if small else {}
+    for key, info in header.items():
+        if key not in tensors:
+            tensors[key] = torch.empty(info["shape"], dtype=tensor_dtype(info["dtype"]), device="meta")
+    try:
+        return lora_from_state_dict(tensors, metadata, arch=arch, path=path, check_values=False)
+    except LoraError as exc:
+        raise exc.with_file(path) from None
+
+
 def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
-                         arch: Optional[str] = None, path: Optional[str] = None) -> LoraFile:
-    """Build the model from tensors already in memory (ComfyUI's LoraLoader gives us these)."""
+                         arch: Optional[str] = None, path: Optional[str] = None,
+                         check_values: bool = True) -> LoraFile:
+    """Build the model from tensors already in memory (ComfyUI's LoraLoader gives us these).
+    ``check_values=False``: no NaN/Inf pass (meta tensors of a layout, a read-back compared bit for bit)."""
     label = path or "<state dict>"
     if not tensors:
         raise LoraError("the file holds no tensors", file=label, fix="this is not a LoRA; pick another file")
@@ -55,7 +80,7 @@ def lora_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
     layers: dict[str, Layer] = {}
     passthrough: dict[str, torch.Tensor] = {}
     for prefix, roles in groups.items():
-        layer, extras, leftover = build_group(prefix, roles, architecture, peft_alphas, label)
+        layer, extras, leftover = build_group(prefix, roles, architecture, peft_alphas, label, check_values)
         passthrough.update(extras)
         unknown.extend(leftover)
         if layer is None:

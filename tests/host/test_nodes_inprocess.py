@@ -260,7 +260,7 @@ def test_an_unreadable_lora_file_is_a_lora_error_naming_it(comfy_hosts, pack, fo
     loras_dir, _ = folders
     name = _copy_fixture(loras_dir)
 
-    def denied(path):
+    def denied(path, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
     monkeypatch.setattr(pack.nodes.load, "read_lora", denied)
