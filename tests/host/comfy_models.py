@@ -42,6 +42,19 @@ def import_comfy() -> None:
     comfy.cli_args.args.cpu = True  # as `main.py --cpu`: the tests never need a GPU
 
 
+def import_custom_node(name: str, folder: str):
+    """A node-pack folder imported as ComfyUI imports it: a package named ``name`` with relative imports."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @dataclasses.dataclass
 class HostModel:
     arch: str

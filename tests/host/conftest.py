@@ -32,20 +32,10 @@ def server(comfy_hosts, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pack(comfy_hosts):
     """The repo imported as ComfyUI imports a custom node folder (a package with relative imports)."""
-    import importlib.util
-    import os
-    import sys
-
+    from tests.host.comfy_models import import_custom_node
     from tests.host.server import ROOT
 
-    name = "comfyui_lora_resize_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return import_custom_node("comfyui_lora_resize_under_test", ROOT)
 
 
 @pytest.fixture()

@@ -21,13 +21,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.host.comfy_models import HostModel, _patcher, comfyui_path
+from tests.host.comfy_models import HostModel, _patcher, comfyui_path, import_custom_node
 from tests.host.family_loras import convention
 from tests.host.family_models import UNET_CONFIGS
 
@@ -49,13 +48,7 @@ def gguf_pack(comfy_hosts):
     if path is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("ComfyUI-GGUF is not installed (not on PyPI, so not in CI): set COMFYUI_GGUF_PATH to a clone "
                     "of github.com/city96/ComfyUI-GGUF and put the gguf library on the path to run this")
-    if _PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(_PACK_NAME, os.path.join(path, "__init__.py"),
-                                                      submodule_search_locations=[path])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[_PACK_NAME]
+    return import_custom_node(_PACK_NAME, path)
 
 
 def _wide_wan() -> tuple[str, dict, dict, object]:
