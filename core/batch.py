@@ -386,13 +386,15 @@ def _resize_file(task: Task, settings: Settings, progress, started: float, engin
     plans = plan_outputs(fresh, folder, stem, overwrite=False, label=path, **common)
     for result in there:  # a run killed after a write and before its record: same bytes, or refused
         _same_bytes(result, folder / output_name(stem, result.recipe, result.threshold), common)
-    write_all(plans, overwrite=False, **common)
+    digests: list = []
+    write_all(plans, overwrite=False, digests=digests, **common)
+    written = {str(plan.path): digest.hexdigest() for plan, digest in zip(plans, digests)}
     seconds = time.monotonic() - started
     records = []
     for result in wanted:
         output = folder / output_name(stem, result.recipe, result.threshold)
         records.append(_record(task, result.recipe.text, "done", settings, seconds=seconds, output=str(output),
-                               result=result, computed=computed))
+                               result=result, computed=computed, output_sha256=written.get(str(output))))
     return records
 
 
@@ -436,7 +438,10 @@ def _same_bytes(result, target: Path, common: dict) -> None:
 
 
 def _record(task: Task, recipe: str, status: str, settings: Settings, *, seconds: float = 0.0,
-            output: Optional[str] = None, result=None, computed: int = 0, error: Optional[str] = None) -> Record:
+            output: Optional[str] = None, result=None, computed: int = 0, error: Optional[str] = None,
+            output_sha256: Optional[str] = None) -> Record:
+    """One manifest record; ``output_sha256`` when the writer hashed the file as it made it (else it is read:
+    an output kept from a killed run)."""
     from .metadata import file_sha256
 
     record: Record = {"input": task.item.path, "sha256": task.sha256, "recipe": recipe, "status": status,
@@ -445,7 +450,7 @@ def _record(task: Task, recipe: str, status: str, settings: Settings, *, seconds
     if result is not None and output is not None:
         rows = result.layers
         record.update(ranks_before=sum(r["old_rank"] for r in rows), ranks_after=sum(r["new_rank"] for r in rows),
-                      bytes=os.path.getsize(output), output_sha256=file_sha256(output),
+                      bytes=os.path.getsize(output), output_sha256=output_sha256 or file_sha256(output),
                       relative_error=result.total_error, threshold=result.threshold, norms_computed=computed)
     return record
 

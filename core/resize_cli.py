@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -337,20 +338,27 @@ def _check_space(plans: list[_Plan], existing: Path, folder: Path, overwrite: bo
                         fix="free some space there or choose another output folder (-o)")
 
 
-def write_all(plans: list[_Plan], *, convention: str, dtype, operation: str, sources, overwrite: bool) -> list[int]:
+def write_all(plans: list[_Plan], *, convention: str, dtype, operation: str, sources, overwrite: bool,
+              digests: Optional[list] = None) -> list[int]:
     """Write every planned file; if one fails, the files this call created are removed (all or nothing
-    per LoRA) and the error says so. Files it replaced under ``overwrite`` cannot be restored."""
+    per LoRA) and the error says so. Files it replaced under ``overwrite`` cannot be restored.
+    ``digests``: a list that gets each written file's StreamDigest (its sha256 without reading it again)."""
     from .formats import write_lora
     from .resize import provenance_extra
+    from .safetensors_io import StreamDigest
 
     created: list[Path] = []
     sizes: list[int] = []
     try:
         for plan in plans:
             existed = os.path.lexists(plan.path)
+            digest = StreamDigest() if digests is not None else None
             sizes.append(write_lora(plan.result.lora, plan.path, convention=convention, dtype=dtype,
                                     operation=operation, recipe=plan.result.recipe.text, sources=sources,
-                                    extra_provenance=provenance_extra(plan.result), overwrite=overwrite))
+                                    extra_provenance=provenance_extra(plan.result), overwrite=overwrite,
+                                    digest=digest))
+            if digests is not None:
+                digests.append(digest)
             if not existed:
                 created.append(plan.path)
     except BaseException as exc:

@@ -195,6 +195,7 @@ def test_each_input_is_read_once_and_a_rerun_only_hashes_it(reference, tmp_path,
     to_resize = {r["input"] for r in ref_records if r["status"] == "done"}
     assert {p: n for p, n in reads.items() if p in inputs} == {p: 1 for p in to_resize}
     assert not any(p in good for p in hashes)  # good inputs: hashed only as they were read
+    assert not any(p.startswith(str(out)) for p in hashes)  # outputs: hashed from memory as they were written
     assert _outputs(out) == ref_outputs
     assert [(r["input"], r["recipe"], r["status"], r["sha256"]) for r in _records(out)] == \
         [(r["input"], r["recipe"], r["status"], r["sha256"]) for r in ref_records]

@@ -32,6 +32,7 @@ from ..metadata import SdScriptsHasher, output_metadata
 from ..model import Layer, LoraFile
 from ..values import all_finite
 from ..safetensors_io import (
+    StreamDigest,
     data_chunks,
     header_bytes,
     header_size,
@@ -290,8 +291,10 @@ def encoded_size(lora: LoraFile, *, convention: str = "kohya", dtype: torch.dtyp
 def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "kohya",
                dtype: torch.dtype | None = None, operation: str = "convert", recipe: str | None = None,
                sources: Iterable[Mapping[str, str]] = (), extra_provenance: Mapping | None = None,
-               overwrite: bool = False) -> int:
+               overwrite: bool = False, digest: StreamDigest | None = None) -> int:
     """Write atomically; returns the number of bytes written. Never replaces a file unless ``overwrite``.
+    ``digest`` is fed the finished file's bytes from memory (its sha256 without reading it back), on the
+    hash thread while the read-back runs.
 
     Streams tensor by tensor (no copy of the whole file in memory) and hashes each chunk in a second
     thread while the first writes it: the header, which holds the hashes, has a fixed length, so it
@@ -328,6 +331,10 @@ def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "ko
         assert len(header) == header_len, "header length changed with the hashes"
         fh.seek(0)
         fh.write(header)
+        if digest is not None:
+            digest.feed(header)
+            for chunk in data_chunks(tensors):
+                digest.feed(chunk)
 
     atomic_write(fill, path, overwrite=overwrite,
                  verify=lambda tmp: check_file(tmp, lora, plan, tensors, label=str(path)))
