@@ -787,6 +787,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     settings = Settings(tuple(r.text for r in recipes), args.output_dtype, args.format,
                         None if device is None else str(device), args.arch)
     manifest = Manifest(args.manifest or os.path.join(out, shard_manifest_name(shard)))
+    if args.manifest is None:  # the other shards' records of these inputs (a library split another way)
+        siblings = sorted(glob.glob(os.path.join(glob.escape(str(out)), MANIFEST_NAME.replace(".jsonl", "*.jsonl"))))
+        manifest.adopt([p for p in siblings if os.path.abspath(p) != os.path.abspath(manifest.path)],
+                       {item.path for item in items})
     runner = None
     if args.ray is not None:
         from .batch_ray import RayRunner

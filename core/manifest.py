@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from .errors import LoraError
 from .metadata import file_sha256
@@ -38,14 +38,27 @@ class Manifest:
         for record in self._read():
             self.latest[record_key(record)] = record
 
-    def _read(self) -> Iterable[Record]:
+    def adopt(self, others: Iterable[str], inputs: set[str]) -> int:
+        """The records of these inputs from other manifests (other shards' of the same output folder), where
+        this one has none: a run split another way resumes from them. Read only; returns how many."""
+        adopted = 0
+        for other in others:
+            for record in self._read(other):
+                key = record_key(record)
+                if record["input"] in inputs and key not in self.latest:
+                    self.latest[key] = record
+                    adopted += 1
+        return adopted
+
+    def _read(self, path: Optional[str] = None) -> Iterable[Record]:
+        path = path or self.path
         try:
-            with open(self.path, "rb") as fh:
+            with open(path, "rb") as fh:
                 lines = fh.read().split(b"\n")
         except FileNotFoundError:
             return []
         except OSError as exc:
-            raise LoraError(f"the manifest cannot be read ({exc.strerror or exc})", file=self.path,
+            raise LoraError(f"the manifest cannot be read ({exc.strerror or exc})", file=path,
                             fix="make it readable, or give another --manifest") from None
         records = []
         for number, line in enumerate(lines, 1):
@@ -59,7 +72,7 @@ class Manifest:
             except (ValueError, RecursionError):
                 self.ignored += 1
                 log.warning("%s: line %d is not a batch record (a run killed while writing it?): ignored",
-                            self.path, number)
+                            path, number)
                 continue
             records.append(record)
         return records

@@ -233,6 +233,12 @@ def test_shards_split_the_library_and_together_give_the_whole_run(reference, tmp
     assert main(_args(lib, out, base, "--shard", "1/3")) in (0, 1)
     again = _records(out, "lora-resize-batch.shard-1-of-3.jsonl")[counts[1]:]
     assert [r for r in again if r["status"] == "done"] == []
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    for split in ([], ["--shard", "0/2"]):  # split another way (or not at all): the shards' records hold
+        assert main(_args(lib, out, base, *split)) == 1  # the broken files, tried again
+        name = MANIFEST_NAME if not split else "lora-resize-batch.shard-0-of-2.jsonl"
+        assert [r for r in _records(out, name) if r["status"] == "done"] == []  # re-work = 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
     moved = tmp_path / "elsewhere" / "lib"  # the same library mounted elsewhere: the same split
     shutil.copytree(lib, moved)
     from core.batch import in_shard
