@@ -36,13 +36,16 @@ class ServerFailed(RuntimeError):
 
 
 @contextmanager
-def running_server(base):
+def running_server(base, other_packs: dict[str, str] | None = None):
     """ComfyUI on a free port with ``base`` (a pathlib.Path) as its base directory; yields the
-    dict the tests use. The frontend's first-run template dialog is switched off."""
+    dict the tests use. The frontend's first-run template dialog is switched off. ``other_packs``:
+    folder name -> path of more node packs to install beside this one (ComfyUI-GGUF)."""
     import requests
 
     (base / "custom_nodes").mkdir()
     os.symlink(ROOT, base / "custom_nodes" / "comfyui-lora-resize")
+    for name, path in (other_packs or {}).items():
+        os.symlink(path, base / "custom_nodes" / name)
     os.symlink(os.path.join(ROOT, "tests", "host", "test_nodes_pack"), base / "custom_nodes" / "lora_resize_test_nodes")
     loras = base / "models" / "loras"
     loras.mkdir(parents=True)

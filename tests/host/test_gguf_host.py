@@ -14,7 +14,9 @@ blocks: the library cannot quantize to them), then loaded exactly as the pack's 
 (``gguf_sd_loader``, its ``GGMLOps``, its ``GGUFModelPatcher``). The node's base norms must equal the norms of
 the ``gguf`` library's own (NumPy) dequantization of the bytes in the file, and, for the quantized-from-fp32
 types, lie within the quantization error of the fp32 originals. The pack's ``state_dict()`` gives meta tensors
-for quantized weights, so this also checks that the weights are read from the modules themselves.
+for quantized weights, so this also checks that the weights are read from the modules themselves. Then the
+same through Resize LoRA in process, and in a real server with both packs in custom_nodes (Unet Loader (GGUF)
+-> Resize LoRA -> Save LoRA through /prompt, the model detected by ComfyUI itself).
 """
 from __future__ import annotations
 
@@ -228,3 +230,52 @@ def test_resize_lora_on_a_gguf_model_keeps_the_ranks_its_weights_decide(comfy_ho
     for key in deltas:
         rank = int(torch.linalg.matrix_rank(got[key].flatten(1).double(), rtol=1e-6)) if key in got else 0
         assert rank == kept[key], key
+
+
+def test_a_server_with_comfyui_gguf_resizes_against_its_unet_loader_gguf_model(comfy_hosts, gguf_pack, wan_gguf,
+                                                                               tmp_path):
+    """Both packs in a real server's custom_nodes: Unet Loader (GGUF) -> Resize LoRA (its MODEL connected,
+    fro_ckpt) -> Save LoRA through /prompt; the saved file keeps the ranks the GGUF weights decide and loads
+    with zero unloaded keys."""
+    pytest.importorskip("requests")
+    from safetensors.torch import save_file
+
+    from tests.host.family_loras import host_delta, host_load
+    from tests.host.server import run_prompt, running_server
+    from tests.host.test_host_base import _threshold_below
+
+    state, fp32, _, written = wan_gguf
+    fp32_host = _host(fp32)
+    lora = convention("wan21_t2v", "musubi").write(fp32_host, 2)
+    deltas = host_delta(fp32_host, host_load(fp32_host, lora))
+    weights = {"diffusion_model." + key: torch.from_numpy(w) for key, (_, w) in written.items()}
+    scores = {key: torch.log10(torch.linalg.svdvals(delta.double().flatten(1)) / weights[key].norm())
+              for key, delta in deltas.items()}
+    threshold = _threshold_below(scores)
+    kept = {key: int((s > threshold).sum()) for key, s in scores.items()}
+    base = tmp_path / "base"
+    base.mkdir()
+    with running_server(base, {_PACK_NAME: _pack_path()}) as server:
+        (base / "models" / "diffusion_models").mkdir(parents=True, exist_ok=True)
+        _write_gguf(str(base / "models" / "diffusion_models" / "wan_tiny.gguf"), state)
+        save_file(lora, str(server["loras"] / "wan.safetensors"))
+        recipe = {"fro_ckpt": 0.0, "spn_ckpt": 0.0, "spn_lora": 0.0, "fro_lora": 0.0, "subspace": 0.0,
+                  "params": 0.0, "selection": "thr", "value": -3.5, "rescale": 1.0, "reducer": "svd", "seed": 0,
+                  "raw_recipe": f"fro_ckpt=1,thr={threshold}", "niter": 2, "pad": 0}
+        prompt = {"1": {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "wan_tiny.gguf"}},
+                  "2": {"class_type": "LoraResize_LoadLoRAForResize", "inputs": {"lora_name": "wan.safetensors"}},
+                  "3": {"class_type": "LoraResize_ScoreRecipe", "inputs": recipe},
+                  "4": {"class_type": "LoraResize_ResizeLoRA",
+                        "inputs": {"lora": ["2", 0], "recipe": ["3", 0], "model": ["1", 0]}},
+                  "5": {"class_type": "LoraResize_SaveLoRA",
+                        "inputs": {"lora": ["4", 0], "filename_prefix": "resized/wan", "format": "kohya",
+                                   "dtype": "fp32"}}}
+        entry = run_prompt(server, prompt)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        (saved,) = (server["loras"] / "resized").glob("wan*.safetensors")
+        load = host_load(fp32_host, saved)
+        assert load.unloaded == []
+        got = host_delta(fp32_host, load)
+        for key in deltas:
+            rank = int(torch.linalg.matrix_rank(got[key].flatten(1).double(), rtol=1e-6)) if key in got else 0
+            assert rank == kept[key], key
