@@ -357,10 +357,14 @@ def _open_folder(path: str) -> SafetensorsBase:
     return SafetensorsBase(ordered, entries, path, fingerprint)
 
 
-def open_base(path: str) -> SafetensorsBase:
-    """A base checkpoint: a single .safetensors file or a diffusers folder."""
+def open_base(path: str) -> BaseWeights:
+    """A base checkpoint: a single .safetensors file, a diffusers folder, or a GGUF file (core/gguf_base.py)."""
     if os.path.isdir(path):
         return _open_folder(path)
     if not os.path.exists(path):
         raise LoraError("checkpoint not found", file=path, fix="check the path")
+    from .gguf_base import GgufBase, is_gguf_file
+
+    if is_gguf_file(path):
+        return GgufBase(path)
     return _open_file(path)

@@ -74,6 +74,10 @@ def _raw_header(path: str) -> tuple[bytes, int]:
                 raise LoraError("this is a pickle/PyTorch (.ckpt/.pt/.bin) file, which is never unpickled "
                                 "because it can run code", file=path,
                                 fix="use the .safetensors version of this LoRA, or convert it with a tool you trust")
+            if head[:4] == b"GGUF":
+                raise LoraError("this is a GGUF file (a quantized model), not a safetensors file", file=path,
+                                fix="a LoRA is a .safetensors file; a GGUF model can be the base CHECKPOINT of "
+                                "resize or --base of batch (with the gguf library: pip install gguf)")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > _MAX_HEADER and header_len <= size - 8:
                 raise LoraError(f"header of {header_len:,} bytes is over the {_MAX_HEADER:,}-byte limit of "
