@@ -117,7 +117,9 @@ class GgufBase(BaseWeights):
                             f"dequantized by this gguf library ({exc})", file=self.label, layer=tensor.name,
                             fix="pip install -U gguf, or give the .safetensors original") from None
         count = offset[2] if offset is not None and whole_rows else shape[0]
-        weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(count, *shape[1:])
+        # an F32 tensor comes back as the file's own read-only mapping: always a private, writable fp32 copy
+        values = np.require(values, dtype=np.float32, requirements=["C", "W", "O"])
+        weight = torch.from_numpy(values).reshape(count, *shape[1:])
         if offset is not None and not whole_rows:
             weight = weight[offset[1]:offset[1] + offset[2]]
         return weight.to(device) if device is not None else weight
