@@ -77,8 +77,10 @@ def to_fp32(tensor: torch.Tensor, device, key: str = "") -> torch.Tensor:
             weight = dequantize(tensor.to(device), dtype=torch.float32, dequant_dtype=torch.float32)
         except TypeError:  # a pack older than its dequant_dtype option
             weight = dequantize(tensor.to(device), dtype=torch.float32)
-        weight = weight.to(torch.float32)
-        return weight.as_subclass(torch.Tensor)  # a plain tensor: the pack's subclass re-dispatches every op
+        weight = weight.to(torch.float32).as_subclass(torch.Tensor)  # a plain tensor (the pack's subclass
+        # re-dispatches every op, and its clone() is a no-op); F32 "dequantizes" to the stored tensor itself, a
+        # view of the file's read-only mapping: copied, so no caller can write into it
+        return weight.clone() if weight.data_ptr() == tensor.data_ptr() else weight
     moved = comfy.model_management.cast_to(tensor, device=torch.device(device), non_blocking=False)
     return moved.to(torch.float32, copy=moved is tensor)
 
