@@ -1,6 +1,6 @@
 """`python -m core ...` from the repo root is the same CLI as the `lora-resize` console script."""
 import sys
 
-from .cli import main
+from .cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -143,6 +143,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def console_main() -> int:
+    """The ``lora-resize`` command (and ``python -m core``): :func:`main` with torch's threads chosen for
+    the command (core.devices.console_threads); ``main`` alone, as a library call, leaves them as they are."""
+    from .devices import console_threads
+
+    console_threads()
+    return main()
+
+
 def unexpected(exc: BaseException) -> str:
     """One line for an exception that is not the project's own: its type and its message."""
     message = " ".join(str(exc).split()) or "(no message)"
@@ -155,4 +164,4 @@ def _traceback_if(verbosity: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -121,10 +121,14 @@ def _finite(values: dict, kinds: tuple[str, ...]) -> bool:
 
 
 def _workers(device, layers: int) -> int:
-    """One per torch thread on the CPU (at most MAX_WORKERS); two on a GPU, where one worker's
-    Python overlaps the other's kernels and each fp32 layer copy costs VRAM the host may need."""
+    """One per torch thread on the CPU (per core when the command chose torch's threads: core.devices), at
+    most MAX_WORKERS; two on a GPU, where one worker's Python overlaps the other's kernels and each fp32
+    layer copy costs VRAM the host may need."""
+    from . import devices
+
     on_cpu = device is None or torch.device(device).type == "cpu"
-    return max(1, min(MAX_WORKERS if on_cpu else 2, torch.get_num_threads(), layers))
+    threads = max(torch.get_num_threads(), devices.CPU_THREADS or 0)
+    return max(1, min(MAX_WORKERS if on_cpu else 2, threads, layers))
 
 
 def reference_norms(base: BaseWeights, targets: Iterable[tuple[str, Offset]], *,
