@@ -319,11 +319,16 @@ def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "ko
         nonlocal written
         fh.seek(header_len)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            hashed = []
+            hashed, batch, size = [], [], 0
             for chunk in data_chunks(tensors):
-                hashed.append(pool.submit(hasher.update, chunk))  # one worker: chunks hashed in order
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= _HASH_BATCH:  # one job per few MiB, not per tensor: a Future costs locks and the GIL
+                    hashed.append(pool.submit(_hash_all, hasher, batch))  # one worker: hashed in order
+                    batch, size = [], 0
                 fh.write(chunk)
                 written += len(chunk)
+            hashed.append(pool.submit(_hash_all, hasher, batch))
             for future in hashed:
                 future.result()
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = hasher.digests()
@@ -339,6 +344,14 @@ def write_lora(lora: LoraFile, path: str | os.PathLike, *, convention: str = "ko
     atomic_write(fill, path, overwrite=overwrite,
                  verify=lambda tmp: check_file(tmp, lora, plan, tensors, label=str(path)))
     return written
+
+
+_HASH_BATCH = 4 << 20
+
+
+def _hash_all(hasher: SdScriptsHasher, chunks: list) -> None:
+    for chunk in chunks:
+        hasher.update(chunk)
 
 
 def _convention(name: str) -> Convention:
