@@ -206,25 +206,44 @@ def test_a_gguf_model_gives_the_norms_of_its_dequantized_weights(comfy_hosts, pa
         patched.unpatch_model()
 
 
-def test_resize_lora_on_a_gguf_model_keeps_the_ranks_its_weights_decide(comfy_hosts, pack, folders, wan_gguf):
-    """Resize LoRA (fro_ckpt=1, thr) with the GGUF MODEL connected: per layer, the ranks computed here from the
-    host's ΔW and the file's dequantized weights; the saved file loads with zero unloaded keys."""
-    from safetensors.torch import save_file
-
+def _expected_ranks(wan_gguf, seed: int):
+    """(the fp32 twin's host, a musubi LoRA for it, a fro_ckpt threshold, model key -> rank to keep): the ranks
+    computed here from the host's own ΔW and the GGUF file's dequantized weights (not the fp32 originals)."""
     from tests.host.family_loras import host_delta, host_load
     from tests.host.test_host_base import _threshold_below
 
-    loras_dir, checkpoints_dir = folders
-    _, fp32, patcher, written = wan_gguf
+    _, fp32, _, written = wan_gguf
     fp32_host = _host(fp32)  # the same map and shapes: the host's ΔW computed on plain tensors
-    state = convention("wan21_t2v", "musubi").write(fp32_host, 1)
-    deltas = host_delta(fp32_host, host_load(fp32_host, state))
+    lora = convention("wan21_t2v", "musubi").write(fp32_host, seed)
+    deltas = host_delta(fp32_host, host_load(fp32_host, lora))
     weights = {"diffusion_model." + key: torch.from_numpy(w) for key, (_, w) in written.items()}
     scores = {key: torch.log10(torch.linalg.svdvals(delta.double().flatten(1)) / weights[key].norm())
               for key, delta in deltas.items()}
     threshold = _threshold_below(scores)
     kept = {key: int((s > threshold).sum()) for key, s in scores.items()}
-    assert sum(kept.values()) < sum(int(s.isfinite().sum()) for s in scores.values())
+    assert sum(kept.values()) < sum(int(s.isfinite().sum()) for s in scores.values())  # the threshold cuts
+    return fp32_host, lora, threshold, kept
+
+
+def _assert_ranks(fp32_host, load, kept: dict) -> None:
+    from tests.host.family_loras import host_delta
+
+    got = host_delta(fp32_host, load)
+    for key, rank in kept.items():
+        found = int(torch.linalg.matrix_rank(got[key].flatten(1).double(), rtol=1e-6)) if key in got else 0
+        assert found == rank, key
+
+
+def test_resize_lora_on_a_gguf_model_keeps_the_ranks_its_weights_decide(comfy_hosts, pack, folders, wan_gguf):
+    """Resize LoRA (fro_ckpt=1, thr) with the GGUF MODEL connected: per layer, the ranks computed here from the
+    host's ΔW and the file's dequantized weights; the saved file loads with zero unloaded keys."""
+    from safetensors.torch import save_file
+
+    from tests.host.family_loras import host_load
+
+    loras_dir, _ = folders
+    _, _, patcher, _ = wan_gguf
+    fp32_host, state, threshold, kept = _expected_ranks(wan_gguf, 1)
 
     save_file(state, str(loras_dir / "wan.safetensors"))
     nodes = pack.NODE_CLASS_MAPPINGS
@@ -235,10 +254,7 @@ def test_resize_lora_on_a_gguf_model_keeps_the_ranks_its_weights_decide(comfy_ho
     saved = nodes["LoraResize_SaveLoRA"]().save(resized, "resized/wan", "kohya", "fp32")["result"][0]
     load = host_load(_host(patcher), saved)
     assert load.unloaded == []
-    got = host_delta(fp32_host, load)
-    for key in deltas:
-        rank = int(torch.linalg.matrix_rank(got[key].flatten(1).double(), rtol=1e-6)) if key in got else 0
-        assert rank == kept[key], key
+    _assert_ranks(fp32_host, load, kept)
 
 
 def test_a_server_with_comfyui_gguf_resizes_against_its_unet_loader_gguf_model(comfy_hosts, gguf_pack, wan_gguf,
@@ -249,19 +265,11 @@ def test_a_server_with_comfyui_gguf_resizes_against_its_unet_loader_gguf_model(c
     pytest.importorskip("requests")
     from safetensors.torch import save_file
 
-    from tests.host.family_loras import host_delta, host_load
+    from tests.host.family_loras import host_load
     from tests.host.server import run_prompt, running_server
-    from tests.host.test_host_base import _threshold_below
 
-    state, fp32, _, written = wan_gguf
-    fp32_host = _host(fp32)
-    lora = convention("wan21_t2v", "musubi").write(fp32_host, 2)
-    deltas = host_delta(fp32_host, host_load(fp32_host, lora))
-    weights = {"diffusion_model." + key: torch.from_numpy(w) for key, (_, w) in written.items()}
-    scores = {key: torch.log10(torch.linalg.svdvals(delta.double().flatten(1)) / weights[key].norm())
-              for key, delta in deltas.items()}
-    threshold = _threshold_below(scores)
-    kept = {key: int((s > threshold).sum()) for key, s in scores.items()}
+    state = wan_gguf[0]
+    fp32_host, lora, threshold, kept = _expected_ranks(wan_gguf, 2)
     base = tmp_path / "base"
     base.mkdir()
     with running_server(base, {_PACK_NAME: _pack_path()}) as server:
@@ -284,7 +292,4 @@ def test_a_server_with_comfyui_gguf_resizes_against_its_unet_loader_gguf_model(c
         (saved,) = (server["loras"] / "resized").glob("wan*.safetensors")
         load = host_load(fp32_host, saved)
         assert load.unloaded == []
-        got = host_delta(fp32_host, load)
-        for key in deltas:
-            rank = int(torch.linalg.matrix_rank(got[key].flatten(1).double(), rtol=1e-6)) if key in got else 0
-            assert rank == kept[key], key
+        _assert_ranks(fp32_host, load, kept)
