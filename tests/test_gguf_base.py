@@ -137,9 +137,17 @@ def test_a_resize_against_a_gguf_base_equals_the_one_against_its_dequantized_wei
     for name, tensors in outputs["gguf"].items():
         assert tensors.keys() == outputs["twin"][name].keys()
         assert all(torch.equal(tensors[k], outputs["twin"][name][k]) for k in tensors), name
-    ranks = {k: v.shape[0] for k, v in next(iter(outputs["gguf"].values())).items() if k.endswith("lora_down.weight")}
-    assert 1 <= min(ranks.values()) and sum(ranks.values()) < RANK * len(ranks)  # the threshold really cut
-    assert len(held) == len(ranks)
+    # fro_ckpt=1,thr=-2.2 keeps each σ of ΔW with log10(σ / ‖W‖_F) > -2.2, W the GGUF file's dequantized weight
+    (fro_file,) = [name for name in outputs["gguf"] if "frockpt" in name]
+    ranks = {k[: -len(".lora_down.weight")]: v.shape[0] for k, v in outputs["gguf"][fro_file].items()
+             if k.endswith(".lora_down.weight")}
+    expected = {}
+    for key, (_, weight) in held.items():
+        prefix = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        delta = lora[prefix + ".lora_up.weight"].double() @ lora[prefix + ".lora_down.weight"].double()
+        scores = torch.log10(torch.linalg.svdvals(delta) / weight.double().norm())
+        expected[prefix] = int((scores > -2.2).sum())
+    assert ranks == expected
 
 
 def test_a_cut_gguf_file_and_a_missing_library_are_errors_that_say_so(files, tmp_path, monkeypatch, capsys):
