@@ -70,9 +70,6 @@ class GgufBase(BaseWeights):
             raise LoraError("no diffusion-model weights recognised in this GGUF file", file=path,
                             fix="give the GGUF of the diffusion model this LoRA was made for (text encoders in GGUF "
                             "are not read), or its .safetensors original")
-        field = self._reader.get_field("general.architecture")
-        self.architecture = None  # the file's word (flux, wan ...) is not one of our family names for all
-        self.gguf_architecture = str(field.contents()) if field is not None else None
         first = min(int(t.data_offset) for t in tensors.values())
         stat = os.stat(path)
         with open(path, "rb") as fh:
@@ -106,7 +103,7 @@ class GgufBase(BaseWeights):
     def weight(self, name: str, offset: Offset = None, device=None, reuse: bool = False) -> torch.Tensor:
         tensor, shape = self._tensor(name), self._shapes[name]
         data = tensor.data
-        rows = tuple(int(v) for v in reversed(tensor.shape.tolist()))[0]
+        rows = int(tensor.shape.tolist()[-1])  # the stored rows (gguf lists dimensions innermost first)
         whole_rows = data.ndim >= 1 and data.shape[0] == rows == shape[0]  # each stored row is one weight row
         if offset is not None and whole_rows:
             data = data[offset[1]:offset[1] + offset[2]]
